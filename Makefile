@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (the whole toy pipeline) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Without an NVIDIA driver, pin the torch release whose CPU build we test with: a bare `torch`
+# requirement pulls a multi-GB CUDA build. With a GPU, any torch>=2.4 (CUDA) works.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench-smoke clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rlhf pipeline --out runs/demo
+
+# Kernel tests run the Triton kernels on the CPU through the interpreter.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -n 2 --durations=15 tests
+
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/kernels.py --smoke
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

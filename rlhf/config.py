@@ -1,0 +1,224 @@
+"""Dataclass configs from YAML plus dotted overrides, checked before any model loads.
+
+Every stage has one dataclass (nested where it groups things, e.g. `PPOConfig.kl`). This module turns
+a YAML file and `--a.b value` overrides into that dataclass, refusing unknown keys (with a
+did-you-mean) and wrongly typed values, naming the dotted field each time. The dataclass's own
+`validate()` then checks fields against each other (lm-human-preferences `HParams.validate` style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from rlhf.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _did_you_mean(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(choices))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and, for the few safe cases, convert) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a YAML `1e-5` or `2024` meant as text (a path, a name)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[C], values: Mapping[str, Any], prefix: str = "") -> C:
+    """Build dataclass `cls` from a (nested) mapping; unknown keys and bad types raise ConfigError."""
+    types_by_name = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}'{_did_you_mean(key, names)}")
+        kwargs[key] = _coerce(value, types_by_name[key], where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would (`3` -> int, `true` -> bool, `[a, b]` -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{dotted}': '{part}' is a value, not a group of fields")
+        node = child
+    node[leaf] = value
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config fields, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(
+    cls: type[C],
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> C:
+    """YAML file (optional) + dotted overrides (`{"ppo.kl.coef": "0.05"}`) -> validated `cls`.
+
+    Override values given as strings are parsed as YAML scalars, so the CLI and a YAML file agree.
+    """
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for dotted, raw in (overrides or {}).items():
+        value = _parse_scalar(raw) if isinstance(raw, str) else raw
+        patch: dict[str, Any] = {}
+        set_dotted(patch, dotted, value)
+        tree = _deep_merge(tree, patch)
+    cfg = from_dict(cls, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Run `validate()` on every nested dataclass, innermost first."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def require_path(value: str, field: str, kind: str = "path") -> Path:
+    """A config path that must exist before any work starts."""
+    if not value:
+        raise ConfigError(f"{field}: a {kind} is required")
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(f"{field}: {kind} '{value}' does not exist")
+    return path
+
+
+def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, type, default) for every leaf field: the CLI's --help table."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_help(tp, prefix=name + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((name, _type_name(tp), default))
+    return rows

@@ -1,0 +1,142 @@
+"""Pieces every stage's loop shares: optimiser and schedule, seeding, mixed precision, numeric guards.
+
+Each is one small call so the stage loops (`rlhf/sft.py`, `rlhf/reward.py`, `rlhf/ppo/loop.py`) read
+top to bottom in the paper's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from rlhf.errors import ConfigError, RLHFError
+
+log = logging.getLogger("rlhf.training")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # ours: LoRA on a tiny model tolerates a large rate; scale down for real models
+    weight_decay: float = 0.0  # ours: LoRA adapters are small; no decay, as peft's examples
+    adam_eps: float = 1e-5  # InstructGPT/openai baselines PPO detail; harmless for SFT and RM
+    warmup_steps: int = 10  # ours: a short warm-up keeps the first Adam steps from overshooting
+    min_lr_ratio: float = 0.1  # InstructGPT SFT: cosine decay to 10% of the peak rate
+    max_grad_norm: float = 1.0  # ours: the usual clip; InstructGPT does not state one
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"optim.max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise RLHFError("no trainable parameters: the role's adapter and head are all frozen")
+    # foreach=False: the same arithmetic whatever the parameter count, so a resumed run is bitwise equal
+    return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
+    """Linear warm-up, then cosine decay from the peak rate to `min_lr_ratio` of it."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a / b when it divides exactly; otherwise a ConfigError that shows the numbers."""
+    if b <= 0 or a % b != 0:
+        raise ConfigError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (the GPU default), nothing on CPU or when precision is fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{name}' requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+class NonFiniteError(RLHFError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Skip an optimiser step whose loss or gradient is not finite; stop after `max_in_a_row`.
+
+    A single bad batch (an fp16 overflow, a corrupt record) should cost one step, not the run; many
+    in a row mean the run has diverged, and going on would only overwrite good weights.
+    """
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.skipped_total = 0
+
+    def ok(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, batch_id: str) -> bool:
+        finite = bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())  # sync point
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped_total += 1
+        log.warning("step %d: non-finite loss (%s) or gradient norm (%s) on batch %s; optimiser step skipped "
+                    "(%d in a row, %d in total)", step, loss.item(), grad_norm.item(), batch_id,
+                    self.in_a_row, self.skipped_total)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"step {step}: {self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
+                f"(last batch: {batch_id}); stopping. The last good state is in the newest checkpoint. "
+                "Lower optim.lr, use bf16 instead of fp16, or check the data.")
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "skipped_total": self.skipped_total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_a_row = state["in_a_row"]
+        self.skipped_total = state["skipped_total"]
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def oom_error(where: str, settings: list[str]) -> RLHFError:
+    return RLHFError(f"out of memory during {where}; lower one of: {', '.join(settings)} "
+                     "(or set auto_halve_micro_batch=true to halve the micro-batch and go on)")
