@@ -1,0 +1,389 @@
+"""Reading record files and checking every record against its format.
+
+Formats (one JSON object per record; any record may carry "user_id", a string or an integer):
+  sft       {"prompt": str, "completion": str}
+            or {"messages": [{"role": str, "content": str}, ...]}: the last message is the assistant's
+            answer, the ones before it are the prompt (the tokenizer's chat template renders them)
+  rankings  {"prompt": str, "responses": [best, ..., worst]}  (K >= 2 distinct answers)
+            or pairwise {"prompt": str, "chosen": str, "rejected": str}  (becomes K = 2)
+  prompts   {"prompt": str}
+  pretrain  {"text": str}
+
+Where records come from:
+  *.jsonl, *.json   read here line by line, so an error names its line (1-based, as editors count);
+                    a .json file that holds one JSON array is named by item ("file.json:row 3")
+  *.parquet, *.arrow, *.csv
+                    loaded with `datasets.load_dataset(<builder>, data_files=...)` (local, never the
+                    hub); an error names the row, 0-based as `dataset[17]` counts ("file.parquet:row 17")
+  a directory       written by `Dataset.save_to_disk` (read with `datasets.load_from_disk`), or holding
+                    data files of the kinds above (read in name order, each named on its own)
+
+Every normalised record has "source" ("file:line") and "user_id" (a string, or None when absent).
+Blank lines are skipped silently. Unknown fields are ignored. A null value counts as missing, because a
+columnar file fills a field that some rows lack with null.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from rlhf.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("sft", "rankings", "prompts", "pretrain")
+
+# How each kind looks, quoted in "missing field" errors so the message says how to fix the record.
+_FORMATS = {
+    "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}',
+    "rankings": '{"prompt": ..., "responses": [best, ..., worst]} or {"prompt": ..., "chosen": ..., "rejected": ...}',
+    "prompts": '{"prompt": ...}',
+    "pretrain": '{"text": ...}',
+}
+_JSON_SUFFIXES = (".jsonl", ".json")
+_DATASETS_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+_DATA_SUFFIXES = _JSON_SUFFIXES + tuple(_DATASETS_BUILDERS)
+# ours: enough skipped records logged one by one to see the pattern, then only the counts
+_MAX_SKIPS_LOGGED = 10
+
+
+class RecordList(list):
+    """The records of one `load_records` call, plus what was skipped on the way.
+
+    `skipped` counts skipped records by reason ("missing field", "empty text", ...); it is empty unless
+    `skip_invalid=True`, since otherwise the first invalid record raises.
+    """
+
+    def __init__(self, records=(), skipped: Counter | None = None):
+        super().__init__(records)
+        self.skipped: Counter[str] = Counter(skipped or {})
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def skipped_summary(self) -> str:
+        """E.g. "skipped 7 records: 4 missing field, 3 empty text" (or "skipped 0 records")."""
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+        return f"skipped {self.num_skipped} records" + (f": {reasons}" if reasons else "")
+
+
+class _InvalidRecord(Exception):
+    """One record breaks its format; `reason` is the short category that skips are counted under."""
+
+    def __init__(self, reason: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.field = field
+
+    def describe(self, source: str) -> str:
+        where = f'{source}: field "{self.field}"' if self.field else source
+        return f"{where}: {self.message}"
+
+
+def load_records(path: str | Path, kind: str, skip_invalid: bool = False) -> RecordList:
+    """Read every record of `kind` from `path` (a file or a directory) and normalise it.
+
+    Returns a `RecordList` (a list of dicts, see the module docstring for their fields) whose
+    `.skipped` counts the records skipped when `skip_invalid` is True; those are also logged.
+    Raises `DataError` naming file, line and field for the first invalid record (unless
+    `skip_invalid`), for a missing or empty file, and when no record at all is valid.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory (resolved to {path.resolve()})")
+
+    records: list[dict] = []
+    skipped: Counter[str] = Counter()
+    first_invalid: str | None = None
+    for source, row in _read_rows(path):
+        try:
+            if isinstance(row, _InvalidRecord):
+                raise row
+            records.append(_normalise(row, kind, source))
+        except _InvalidRecord as invalid:
+            message = invalid.describe(source)
+            if not skip_invalid:
+                raise DataError(message) from None
+            first_invalid = first_invalid or message
+            skipped[invalid.reason] += 1
+            log = logger.warning if sum(skipped.values()) <= _MAX_SKIPS_LOGGED else logger.debug
+            log("skipping invalid %s record: %s", kind, message)
+
+    result = RecordList(records, skipped)
+    if not records and not skipped:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
+    if not records:
+        raise DataError(
+            f"{path}: all {result.num_skipped} {kind} records are invalid "
+            f"({result.skipped_summary()}); the first: {first_invalid}"
+        )
+    if skipped:
+        logger.warning("%s: %s of %d (%s data)", path, result.skipped_summary(),
+                       len(records) + result.num_skipped, kind)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading raw rows: each source yields (source, row) where row is the parsed object or an
+# _InvalidRecord for a line that could not be parsed (so it can be skipped like any other).
+# ---------------------------------------------------------------------------------------------
+
+def _read_rows(path: Path) -> Iterator[tuple[str, object]]:
+    if path.is_dir():
+        yield from _read_directory(path)
+    else:
+        yield from _read_file(path)
+
+
+def _read_directory(path: Path) -> Iterator[tuple[str, object]]:
+    if (path / "dataset_dict.json").exists():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise DataError(
+            f"{path}: a DatasetDict with splits {splits}; point at one split's folder, "
+            f"e.g. {path / (splits[0] if splits else 'train')}"
+        )
+    if (path / "state.json").exists() and (path / "dataset_info.json").exists():
+        import datasets  # heavy import, only when a saved dataset is read
+
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except Exception as error:  # corrupt folders fail in many ways; say which folder
+            raise DataError(f"{path}: cannot be read with datasets.load_from_disk: {error}") from error
+        for row_index, row in enumerate(dataset):
+            yield f"{path}:row {row_index}", row
+        return
+
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_DATA_SUFFIXES))
+    if not files:
+        raise DataError(
+            f"{path}: no data files in this directory (looked for {', '.join(_DATA_SUFFIXES)}, "
+            "or a folder written by Dataset.save_to_disk)"
+        )
+    for file in files:
+        yield from _read_file(file)
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, object]]:
+    suffix = path.suffix.lower()
+    if suffix == ".json" and _starts_with_array(path):
+        yield from _read_json_array(path)
+    elif suffix in _JSON_SUFFIXES:
+        yield from _read_json_lines(path)
+    elif suffix in _DATASETS_BUILDERS:
+        yield from _read_with_datasets(path, _DATASETS_BUILDERS[suffix])
+    else:
+        raise DataError(
+            f"{path}: unknown data file type {suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(_DATA_SUFFIXES)} or a folder written by Dataset.save_to_disk"
+        )
+
+
+def _read_json_lines(path: Path) -> Iterator[tuple[str, object]]:
+    # Bytes, decoded per line, so a bad byte is reported on its line instead of stopping the read.
+    with open(path, "rb") as file:
+        for line_number, raw_line in enumerate(file, start=1):
+            source = f"{path}:{line_number}"
+            try:
+                # utf-8-sig drops the byte-order mark some editors put at the start of a file
+                line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield source, _InvalidRecord(
+                    "not UTF-8", f"not valid UTF-8 ({error.reason} at byte {error.start}); save the file as UTF-8"
+                )
+                continue
+            if not line.strip():
+                continue  # blank lines are allowed anywhere (a trailing newline, spacing between blocks)
+            try:
+                yield source, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield source, _InvalidRecord(
+                    "malformed JSON",
+                    f"malformed JSON: {error.msg} at column {error.colno}; each line must hold one JSON object",
+                )
+
+
+def _starts_with_array(path: Path) -> bool:
+    with open(path, "rb") as file:
+        head = file.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        # one broken array loses every record, so this is never a skip
+        raise DataError(f"{path}: malformed JSON array: {error}; or write one JSON object per line (.jsonl)") from error
+    for row_index, row in enumerate(items):
+        yield f"{path}:row {row_index}", row
+
+
+def _read_with_datasets(path: Path, builder: str) -> Iterator[tuple[str, object]]:
+    import datasets  # heavy import, only when a columnar file is read
+
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # arrow/parquet readers raise many types; say which file and how it was read
+        raise DataError(f"{path}: cannot be read as {builder}: {error}") from error
+    for row_index, row in enumerate(dataset):
+        yield f"{path}:row {row_index}", row
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and normalising one record.
+# ---------------------------------------------------------------------------------------------
+
+def _normalise(row: object, kind: str, source: str) -> dict:
+    if not isinstance(row, dict):
+        raise _InvalidRecord("not an object", f"expected a JSON object {_FORMATS[kind]}, got {_json_type(row)}")
+    record = {"sft": _sft, "rankings": _ranking, "prompts": _prompt, "pretrain": _pretrain}[kind](row)
+    record["user_id"] = _user_id(row)
+    record["source"] = source
+    return record
+
+
+def _sft(row: dict) -> dict:
+    has_messages = row.get("messages") is not None
+    if has_messages and (row.get("prompt") is not None or row.get("completion") is not None):
+        raise _InvalidRecord(
+            "ambiguous format", 'has both "messages" and "prompt"/"completion"; keep one form', "messages"
+        )
+    if not has_messages:
+        return {"prompt": _text(row, "prompt", "sft"), "completion": _text(row, "completion", "sft")}
+
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise _InvalidRecord("wrong type", f"expected a list of messages, got {_json_type(messages)}", "messages")
+    if len(messages) < 2:
+        raise _InvalidRecord(
+            "too few messages",
+            f"need the prompt message(s) and then the assistant's answer, got {len(messages)} message(s)",
+            "messages",
+        )
+    normalised = []
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _InvalidRecord(
+                "wrong type", f'expected {{"role": ..., "content": ...}}, got {_json_type(message)}', field
+            )
+        normalised.append(
+            {"role": _text(message, "role", "sft", field), "content": _text(message, "content", "sft", field)}
+        )
+    if normalised[-1]["role"] != "assistant":
+        raise _InvalidRecord(
+            "no answer",
+            f'the last message is the answer and must have role "assistant", got {normalised[-1]["role"]!r}',
+            f"messages[{len(messages) - 1}].role",
+        )
+    return {"messages": normalised}
+
+
+def _ranking(row: dict) -> dict:
+    prompt = _text(row, "prompt", "rankings")
+    has_responses = row.get("responses") is not None
+    has_pair = row.get("chosen") is not None or row.get("rejected") is not None
+    if has_responses and has_pair:
+        raise _InvalidRecord(
+            "ambiguous format", 'has both "responses" and "chosen"/"rejected"; keep one form', "responses"
+        )
+    if not has_responses and has_pair:
+        chosen, rejected = _text(row, "chosen", "rankings"), _text(row, "rejected", "rankings")
+        if chosen == rejected:
+            raise _InvalidRecord(
+                "duplicate responses", 'same text as "chosen"; a comparison needs two different answers', "rejected"
+            )
+        return {"prompt": prompt, "responses": [chosen, rejected]}
+
+    responses = row.get("responses")
+    if responses is None:
+        raise _InvalidRecord(
+            "missing field", f"missing; rankings records look like {_FORMATS['rankings']}", "responses"
+        )
+    if not isinstance(responses, list):
+        raise _InvalidRecord(
+            "wrong type", f"expected a list of answers [best, ..., worst], got {_json_type(responses)}", "responses"
+        )
+    if len(responses) < 2:
+        raise _InvalidRecord("too few responses", f"need at least 2 answers, got {len(responses)}", "responses")
+    first_index_of: dict[str, int] = {}
+    for index, response in enumerate(responses):
+        field = f"responses[{index}]"
+        if not isinstance(response, str):
+            raise _InvalidRecord("wrong type", f"expected a string, got {_json_type(response)}", field)
+        if not response.strip():
+            raise _InvalidRecord("empty text", "is empty; every ranked answer needs text", field)
+        if response in first_index_of:
+            raise _InvalidRecord(
+                "duplicate responses",
+                f"responses[{first_index_of[response]}] and responses[{index}] are the same text; "
+                "a ranking needs distinct answers",
+                "responses",
+            )
+        first_index_of[response] = index
+    return {"prompt": prompt, "responses": list(responses)}
+
+
+def _prompt(row: dict) -> dict:
+    return {"prompt": _text(row, "prompt", "prompts")}
+
+
+def _pretrain(row: dict) -> dict:
+    return {"text": _text(row, "text", "pretrain")}
+
+
+def _text(row: dict, name: str, kind: str, parent: str | None = None) -> str:
+    """The non-blank string `row[name]`; `parent` prefixes the field name in errors (messages[2].content)."""
+    field = f"{parent}.{name}" if parent else name
+    value = row.get(name)
+    if value is None:
+        raise _InvalidRecord("missing field", f"missing; {kind} records look like {_FORMATS[kind]}", field)
+    if not isinstance(value, str):
+        raise _InvalidRecord("wrong type", f"expected a string, got {_json_type(value)}", field)
+    if not value.strip():
+        raise _InvalidRecord("empty text", "is empty (or only whitespace)", field)
+    return value
+
+
+def _user_id(row: dict) -> str | None:
+    user_id = row.get("user_id")
+    if isinstance(user_id, float):
+        # pandas writes an integer column with gaps as floats, the gaps as NaN: take them back
+        if math.isnan(user_id):
+            return None
+        if user_id.is_integer():
+            user_id = int(user_id)
+    if user_id is None:
+        return None
+    # bool is an int subclass, but `true` as a user id is surely a mistake
+    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
+        raise _InvalidRecord("wrong type", f"expected a string or an integer, got {_json_type(user_id)}", "user_id")
+    if isinstance(user_id, str) and not user_id.strip():
+        raise _InvalidRecord("empty text", "is empty; leave user_id out when the user is unknown", "user_id")
+    return str(user_id)
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a value's type, as the user wrote it in the file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
