@@ -1,0 +1,229 @@
+"""The shared base: load a local causal LM once (4-bit NF4 or unquantized), frozen, dropout off.
+
+Also what depends only on the base: its tokenizer (with a pad token distinct from EOS), the decoder
+body whose output is the LM head's input, and the LoRA settings that fit its architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from rlhf.errors import ModelError
+from rlhf.models.config import ModelConfig
+
+log = logging.getLogger("rlhf.models")
+
+PAD_TOKEN = "<pad>"
+
+# LoRA targets for target_modules="auto": every attention and MLP projection (QLoRA: adapting all
+# linear layers is what matches full fine-tuning). Families not listed fall back to "all-linear".
+_LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_STYLE_TARGETS,
+    "mistral": _LLAMA_STYLE_TARGETS,
+    "qwen2": _LLAMA_STYLE_TARGETS,
+    "qwen3": _LLAMA_STYLE_TARGETS,
+    "gemma": _LLAMA_STYLE_TARGETS,
+    "gemma2": _LLAMA_STYLE_TARGETS,
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # c_proj names both the attention output and the MLP output
+}
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """The local model directory, or a ModelError saying what is missing (we never download)."""
+    model_dir = Path(path)
+    if not model_dir.exists():
+        raise ModelError(
+            f"model path '{path}' does not exist (expected a local Hugging Face model directory with config.json)"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"model path '{path}' has no config.json (expected a local Hugging Face model directory)")
+    return model_dir
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
+    return device
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on CUDA (fp16 overflows without loss scaling), fp32 on CPU (no fast bf16 matmuls)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_tokenizer(path: str | Path):
+    """The base's tokenizer, with a pad token guaranteed distinct from EOS.
+
+    A pad equal to EOS makes every mask built from `ids != pad` drop the real EOS tokens, so the
+    RM would never see an answer's end and the policy never learns to stop. When the tokenizer has
+    no pad, or pad == EOS (GPT-2, many base models), we add a new special token `<pad>`. If that
+    grows the vocabulary past the model's embedding rows, `load_base_model` adds the rows (see there);
+    models that ship spare rows (Qwen2, Llama 3) need no resize. Only attention masks decide which
+    tokens count, so the pad row's values never reach a real token's output.
+    """
+    model_dir = check_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a tokenizer from '{path}': {err}") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer in '{path}' has no EOS token: answers could never end")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:  # "<pad>" *was* the EOS token
+            raise ModelError(f"the tokenizer in '{path}' uses {PAD_TOKEN!r} as EOS; give it a distinct pad token")
+        log.info("tokenizer in %s had no distinct pad token: added %r (id %d)", path, PAD_TOKEN, tokenizer.pad_token_id)
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
+    """`from_pretrained` on the local dir, NF4 or unquantized, every parameter frozen, dropout off."""
+    model_dir = check_model_dir(cfg.path)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    kwargs = {"local_files_only": True, "dtype": compute_dtype}
+    if cfg.quantization == "nf4":
+        # QLoRA's recipe: NF4 storage, double quantization of the scales, matmuls in compute_dtype.
+        # The embeddings and LM head stay unquantized (bitsandbytes skips the output layer).
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["device_map"] = {"": device}  # quantization happens as the weights land on the device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load a causal LM from '{cfg.path}': {err}") from None
+    if cfg.quantization == "none":
+        model.to(device)
+    else:
+        _keep_one_cpu_nf4_path(model)
+
+    _fit_embeddings_to_tokenizer(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    _turn_off_dropout(model)
+    model.requires_grad_(False)
+    return model
+
+
+def _fit_embeddings_to_tokenizer(model: PreTrainedModel, tokenizer) -> None:
+    """Add embedding rows for tokens the tokenizer has and the model lacks (an added `<pad>`).
+
+    New rows are the mean of the old ones (Hewitt 2021, "Initializing new word embeddings"), not
+    random: a reload must rebuild the same base, since saved adapters do not carry these rows, and
+    the mean keeps the new token's logit ordinary rather than dominant.
+    """
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old_rows:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for weight in {id(w): w for w in _vocab_matrices(model)}.values():  # one pass when tied
+            weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
+        bias = getattr(model.get_output_embeddings(), "bias", None)
+        if bias is not None:
+            bias[old_rows:] = bias[:old_rows].mean()
+    log.info("resized the embeddings from %d to %d rows for the tokenizer's added tokens", old_rows, len(tokenizer))
+
+
+def _vocab_matrices(model: PreTrainedModel) -> list[torch.Tensor]:
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None:
+        matrices.append(output.weight)
+    return matrices
+
+
+def _keep_one_cpu_nf4_path(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit forward in eval mode without grad rewrites its weight in
+    place (new storage, bf16 scales) and from then on uses a kernel with no backward. Rollout scoring
+    runs exactly so, then PPO trains through the same layers: the scores would drift from the
+    training forward (PPO ratio != 1 at the first step), the weights' storage would change under us,
+    and layers narrower than the 64-wide quantization block fail outright. One path for both.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _turn_off_dropout(model: nn.Module) -> None:
+    """Dropout off in the base for good (InstructGPT: no dropout in policy, reference, reward, value).
+
+    Zeroed at the source rather than relying on eval(): training forwards run in train mode (gradient
+    checkpointing only works there) and must still be deterministic. Attention dropout lives in
+    nn.Dropout modules (GPT-2) or in float attributes read at forward time (Llama's
+    `attention_dropout`), so both are zeroed, as are the config's values. LoRA dropout is attached
+    later by peft and follows `ModelConfig.lora_dropout`.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    for name, value in model.config.to_dict().items():
+        if ("dropout" in name or name.endswith("_pdrop")) and isinstance(value, float):
+            setattr(model.config, name, 0.0)
+
+
+def decoder_body(model: PreTrainedModel) -> nn.Module:
+    """The transformer under the LM head; its `last_hidden_state` is the final-norm output.
+
+    `base_model_prefix` names it for every causal LM in transformers ("model" for Llama and Qwen2,
+    "transformer" for GPT-2), so calling it skips the [B, S, V] logits the full forward would build.
+    """
+    body = getattr(model, model.base_model_prefix, None)
+    if not isinstance(body, nn.Module):
+        raise ModelError(f"{type(model).__name__}: cannot find its decoder body '{model.base_model_prefix}'")
+    return body
+
+
+def lora_target_modules(model: PreTrainedModel, setting: str | list[str]) -> str | list[str]:
+    """Resolve ModelConfig.target_modules for this base: a list of module names, or "all-linear"."""
+    if setting != "auto":
+        return list(setting) if isinstance(setting, (list, tuple)) else setting
+    preset = LORA_TARGETS_BY_MODEL_TYPE.get(model.config.model_type)
+    if preset is None:
+        log.info("no LoRA target preset for model type %r; using all-linear", model.config.model_type)
+        return "all-linear"
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [name for name in preset if name in present]
+    return targets or "all-linear"
+
+
+def has_conv1d(model: nn.Module) -> bool:
+    """GPT-2 stores its projections as Conv1D ([in, out] weights), which LoRA must know
+    (`fan_in_fan_out`). NF4 loading converts them to Linear4bit, so look at the loaded modules."""
+    return any(isinstance(module, Conv1D) for module in model.modules())
+
+
+def new_lora_config(cfg: ModelConfig, model: PreTrainedModel) -> LoraConfig:
+    """A fresh adapter's LoRA settings for this base (standard init: B = 0, so it starts as the base)."""
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_modules(model, cfg.target_modules),
+        fan_in_fan_out=has_conv1d(model),
+        bias="none",  # adapters add no biases, so disabling them gives the base exactly
+        task_type="CAUSAL_LM",  # so PeftModel.from_pretrained(base, dir) rebuilds a PeftModelForCausalLM
+    )
