@@ -1,0 +1,22 @@
+"""`rlhf toy --out DIR`: write the toy world where the command line asks for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf.toy.config import ToyConfig
+from rlhf.toy.write import ToyWorld, write_toy_world
+
+
+@dataclass
+class ToyRunConfig:
+    out_dir: str = "runs/toy"
+    overwrite: bool = False  # rewrite a world written with another config
+    world: ToyConfig = field(default_factory=ToyConfig)
+
+
+def write_toy_world_from_config(cfg: ToyRunConfig) -> ToyWorld:
+    world = write_toy_world(cfg.out_dir, cfg.world, overwrite=cfg.overwrite)
+    print(f"toy world in {world.root}: sft={world.sft.name} rankings={world.rankings.name} "
+          f"prompts={world.prompts.name} pretrain={world.pretrain.name} model={world.model}")
+    return world
