@@ -28,7 +28,7 @@ class Command:
 _BASICS = (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"))
 
 COMMANDS = {
-    "toy": Command("rlhf.toy", "ToyConfig", "write_toy_world_from_config",
+    "toy": Command("rlhf.toy.command", "ToyRunConfig", "write_toy_world_from_config",
                    "write the offline toy world (data files + a pretrained tiny model)",
                    (("out", "out_dir"),)),
     "sft": Command("rlhf.sft", "SFTConfig", "train", "stage 1: supervised fine-tuning of the policy adapter",
@@ -40,7 +40,7 @@ COMMANDS = {
                               ("ptx_coef", "ptx_coef"))),
     "pipeline": Command("rlhf.pipeline", "PipelineConfig", "run",
                         "SFT -> RM -> PPO end to end (no arguments: the toy world)",
-                        (("out", "out_dir"), ("model", "model.path"))),
+                        (("out", "out_dir"), ("model", "model_path"))),
     "eval": Command("rlhf.eval", "EvalConfig", "evaluate",
                     "score saved policies: RM score, gold score, win rate, KL to SFT, pretrain loss",
                     (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"), ("sft", "sft_dir"),

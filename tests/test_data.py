@@ -446,8 +446,9 @@ def test_pretrain_chunks_keep_every_token(make_data_tokenizer):
     tokenizer = make_data_tokenizer(add_bos=False)
     records = [{"text": "the cat sat on the mat", "source": "t:1"}, {"text": "hello world", "source": "t:2"}]
     examples, report = tokenize_pretrain(records, tokenizer, max_length=4)
-    stream = token_ids(tokenizer, "the cat sat on the mat <eos> hello world <eos>")  # 10 tokens
-    assert [e["input_ids"] for e in examples] == [stream[0:4], stream[4:8], stream[8:10]]
+    first = token_ids(tokenizer, "the cat sat on the mat <eos>")  # 7 tokens -> pieces of 4 and 3
+    second = token_ids(tokenizer, "hello world <eos>")  # 3 tokens, its own sequence: no packing
+    assert [e["input_ids"] for e in examples] == [first[0:4], first[4:7], second]
     assert (report.num_tokens, report.num_chunks) == (10, 3)
 
 

@@ -173,19 +173,22 @@ def tokenize_pretrain(
 ) -> tuple[list[dict], TruncationReport]:
     """Plain text -> chunks {"input_ids": list[int]} of at most `max_length` tokens; every token is kept.
 
-    Documents become `head + text + EOS` and are packed end to end (EOS separates them, as in GPT
-    pretraining), then cut every `max_length` tokens; the last chunk may be shorter. Packing wastes no
-    compute on padding; a chunk may start mid-document, as it does in pretraining.
+    Each document becomes `head + text + EOS`, cut every `max_length` tokens when it is longer (the
+    last piece may be shorter). Documents are not packed together: a model pretrained on one document
+    per sequence (as the toy base is) sees the same layout here, and no attention crosses documents.
     """
     _check_lengths(max_length, min_prompt_tokens=1)
     head = _special_prefix(tokenizer)
     eos_id = _eos_id(tokenizer)
-    stream: list[int] = []
+    examples = []
+    num_tokens = 0
     for text_ids in _encode_texts(tokenizer, [record["text"] for record in records]):
-        stream.extend(head + text_ids + [eos_id])
-    examples = [{"input_ids": stream[start:start + max_length]} for start in range(0, len(stream), max_length)]
+        document = head + text_ids + [eos_id]
+        num_tokens += len(document)
+        examples.extend({"input_ids": document[start:start + max_length]}
+                        for start in range(0, len(document), max_length))
     report = TruncationReport("pretrain", max_length, num_records=len(records),
-                              num_tokens=len(stream), num_chunks=len(examples))
+                              num_tokens=num_tokens, num_chunks=len(examples))
     report.log()
     return examples, report
 

@@ -1,0 +1,205 @@
+"""Evaluate policies against the SFT policy on held-out prompts (users never seen in training).
+
+For each policy (the SFT adapter first, then each PPO run's policy):
+- rm_score: mean RM score of its sampled answers (the proxy it was optimised for);
+- gold_score: mean score by the gold labeller (the toy world's judge), when one exists;
+- win_rate_vs_sft: fraction of prompts where the gold labeller prefers its answer to SFT's (ties 1/2);
+- kl_to_sft: mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on its own samples (k1, nats);
+- pretrain_loss: mean next-token NLL on held-out pretraining text (the "alignment tax" ptx protects).
+Answers are sampled at `temperature` with a fixed seed, the same prompts for every policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf.config import require_path, save_config, validate
+from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_by_user, tokenize_pretrain, tokenize_prompts
+from rlhf.errors import ConfigError
+from rlhf.models import ModelConfig, RoleModel
+from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
+from rlhf.stage_dirs import adapter_dir
+from rlhf.training import resolve_device, set_seed
+from rlhf_kernels import fused_linear_token_logprobs
+
+log = logging.getLogger("rlhf.eval")
+
+
+@dataclass
+class EvalData:
+    path: str = ""  # prompts; the held-out users' prompts are evaluated (same split as PPO)
+    pretrain: str = ""  # {"text"} records; "" skips pretrain_loss
+    val_fraction: float = 0.1  # must match the PPO run's split so its training users stay out
+    max_prompts: int = 200  # ours: enough prompts for a win rate within a few points
+    max_prompt_length: int = 48
+    max_pretrain_length: int = 64
+    max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
+    skip_invalid: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: EvalData = field(default_factory=EvalData)
+    sft_dir: str = ""  # the SFT run: its policy adapter is the baseline and the KL reference
+    rm_dir: str = ""  # the RM run: scores the answers
+    policy_dir: str = ""  # one policy run to compare with SFT ("" = SFT alone)
+    policies: dict[str, str] = field(default_factory=dict)  # more policies: {name: run dir}
+    out_dir: str = "runs/eval"  # eval.json is written here
+    gold: str = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
+    batch_size: int = 64
+    seed: int = 1234  # ours: the same sampling noise for every policy
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.gold not in ("toy", "none"):
+            raise ConfigError(f"gold must be 'toy' or 'none', got {self.gold!r}")
+
+    def check_inputs(self) -> None:
+        """The runs and files evaluation reads exist (before any model loads)."""
+        if not self.sft_dir or not self.rm_dir:
+            raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
+        require_path(self.model.path, "model.path", "model directory")
+        require_path(self.data.path, "data.path", "prompts file (--data prompts.jsonl)")
+        if self.data.pretrain:
+            require_path(self.data.pretrain, "data.pretrain", "pretraining file")
+        adapter_dir(self.sft_dir, "policy")
+        adapter_dir(self.rm_dir, "reward")
+        for name, run in self.all_policies().items():
+            if name != "sft":
+                adapter_dir(run, "policy")
+
+    def all_policies(self) -> dict[str, str]:
+        runs = {"sft": self.sft_dir}
+        if self.policy_dir:
+            runs["policy"] = self.policy_dir
+        runs.update(self.policies)
+        return runs
+
+
+def _gold_judge(kind: str):
+    if kind == "toy":
+        from rlhf.toy import gold_score
+        return gold_score
+    return None
+
+
+@torch.no_grad()
+def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: EvalConfig) -> dict:
+    """Sample one answer per prompt from `role`; score it with the RM and the SFT reference."""
+    tokenizer = model.tokenizer
+    texts, rm_scores, kls, lengths = [], [], [], []
+    torch.manual_seed(cfg.seed)  # the same noise for every policy
+    for start in range(0, len(prompts), cfg.batch_size):
+        rows = prompts[start:start + cfg.batch_size]
+        padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
+        rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
+                         cfg.max_new_tokens, cfg.temperature, 1.0, role=role)
+        labels = answer_labels(rollout).reshape(-1)
+        logp = {}
+        for name in (role, "reference"):
+            hidden = answer_hidden(model, name, rollout)  # [b, T, H]
+            logp[name] = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
+                                                     labels, bias=model.lm_head_bias,
+                                                     temperature=cfg.temperature).view_as(rollout.answer_mask)
+        kls.append(((logp[role] - logp["reference"]) * rollout.answer_mask).sum(dim=1))  # [b]
+        rm_scores.append(model.reward_scores("reward", rollout.sequences, rollout.attention_mask).float())
+        lengths.append(rollout.answer_mask.sum(dim=1).float())
+        for answer, mask in zip(rollout.answers, rollout.answer_mask):
+            texts.append(tokenizer.decode(answer[mask], skip_special_tokens=True).strip())
+    return {"answers": texts, "rm_scores": torch.cat(rm_scores), "kl": torch.cat(kls), "lengths": torch.cat(lengths)}
+
+
+@torch.no_grad()
+def pretrain_loss(model: RoleModel, role: str, chunks: list[dict], batch_size: int) -> float:
+    nll, tokens = 0.0, 0
+    pad_id = model.tokenizer.pad_token_id
+    for start in range(0, len(chunks), batch_size):
+        padded = pad_right([c["input_ids"] for c in chunks[start:start + batch_size]], pad_id)
+        labels = shift_labels(padded["input_ids"], padded["answer_mask"]).to(model.device)  # [b, S]
+        logprobs = model.token_logprobs(role, padded["input_ids"].to(model.device),
+                                        padded["attention_mask"].to(model.device), labels)  # [b, S]
+        valid = labels != -100
+        nll -= (logprobs * valid).sum().item()
+        tokens += int(valid.sum())
+    return nll / max(tokens, 1)
+
+
+def format_table(result: dict) -> str:
+    columns = ["rm_score", "gold_score", "win_rate_vs_sft", "kl_to_sft", "pretrain_loss", "answer_length"]
+    lines = [f"{'policy':<10}" + "".join(f"{c:>17}" for c in columns)]
+    for name, row in result["policies"].items():
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            cells.append(f"{'-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.4f}':>17}")
+        lines.append(f"{name:<10}" + "".join(cells))
+    lines.append(f"held-out prompts: {result['n_prompts']} (users not seen in training)")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Print the comparison table and write `<out_dir>/eval.json`; returns the same dict."""
+    validate(cfg)
+    cfg.check_inputs()
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "eval_config.yaml")
+    model = RoleModel(cfg.model, device=device)
+    model.add_role("reference", adapter_dir=adapter_dir(cfg.sft_dir, "policy"))
+    model.add_role("reward", adapter_dir=adapter_dir(cfg.rm_dir, "reward"), head="reward")
+
+    records = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
+    _, held_out = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
+    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length)
+    if not prompts:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no held-out prompts to evaluate")
+    chunks = []
+    if cfg.data.pretrain:
+        texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
+        _, held_texts = split_by_user(texts, cfg.data.val_fraction, cfg.data.seed)
+        chunks, _ = tokenize_pretrain(held_texts, model.tokenizer, cfg.data.max_pretrain_length)
+        chunks = [c for c in chunks if len(c["input_ids"]) > 1][:cfg.data.max_pretrain_chunks]
+    judge = _gold_judge(cfg.gold)
+
+    results, gold = {}, {}
+    for name, run in cfg.all_policies().items():
+        role = "reference" if name == "sft" else name
+        if name != "sft":
+            model.add_role(role, adapter_dir=adapter_dir(run, "policy"))
+        sampled = _answers_and_scores(model, role, prompts, cfg)
+        row = {"rm_score": sampled["rm_scores"].mean().item(), "kl_to_sft": sampled["kl"].mean().item(),
+               "answer_length": sampled["lengths"].mean().item()}
+        if judge is not None:
+            gold[name] = [judge(p["prompt"], a) for p, a in zip(prompts, sampled["answers"])]
+            row["gold_score"] = sum(gold[name]) / len(gold[name])
+        row["pretrain_loss"] = pretrain_loss(model, role, chunks, cfg.batch_size) if chunks else None
+        row["examples"] = [{"prompt": p["prompt"], "answer": a} for p, a in zip(prompts[:5], sampled["answers"][:5])]
+        results[name] = row
+        log.info("eval %s: %s", name, {k: v for k, v in row.items() if k != "examples"})
+    for name, row in results.items():
+        if judge is not None and name != "sft":
+            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold[name], gold["sft"])]
+            row["win_rate_vs_sft"] = sum(wins) / len(wins)
+    result = {"policies": results, "n_prompts": len(prompts),
+              "win_rate_vs_sft": {n: r["win_rate_vs_sft"] for n, r in results.items() if "win_rate_vs_sft" in r}}
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    tmp.replace(out / "eval.json")
+    print(format_table(result))
+    return result

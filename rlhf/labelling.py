@@ -1,0 +1,62 @@
+"""Ranking data the InstructGPT way: K answers sampled from the SFT policy, ranked by a labeller.
+
+InstructGPT's labellers ranked K = 4..9 outputs of the SFT model for each RM prompt; here a
+programmatic labeller (the toy world's judge) does the ranking. Identical samples are merged (a
+ranking cannot hold the same answer twice); a prompt left with fewer than 2 distinct answers is
+skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.data import load_records, pad_left, tokenize_prompts
+from rlhf.models import ModelConfig, RoleModel
+from rlhf.ppo.rollout import sample
+from rlhf.stage_dirs import adapter_dir
+
+log = logging.getLogger("rlhf.labelling")
+
+
+@torch.no_grad()
+def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_path: str | os.PathLike,
+                    out_path: str | os.PathLike, rank: Callable[[str, list[str]], list[int]], k: int = 4,
+                    max_new_tokens: int = 16, temperature: float = 1.0, max_prompt_length: int = 48,
+                    batch_size: int = 64, seed: int = 0, device: torch.device | None = None) -> dict[str, int]:
+    """Write `{"prompt", "responses": [best..worst], "user_id"}` records to `out_path` (atomically)."""
+    records = load_records(prompts_path, "prompts")
+    model = RoleModel(model_cfg, device=device)
+    model.add_role("policy", adapter_dir=adapter_dir(sft_dir, "policy"))
+    tokenizer = model.tokenizer
+    examples, _ = tokenize_prompts(records, tokenizer, max_prompt_length)
+    torch.manual_seed(seed)
+    rankings, skipped = [], 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="label", unit="batch"):
+        rows = examples[start:start + batch_size]
+        padded = pad_left([e["input_ids"] for e in rows for _ in range(k)], tokenizer.pad_token_id)  # [b*K, P]
+        rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
+                         max_new_tokens, temperature, 1.0)
+        texts = [tokenizer.decode(a[m], skip_special_tokens=True).strip()
+                 for a, m in zip(rollout.answers, rollout.answer_mask)]
+        for i, example in enumerate(rows):
+            answers = list(dict.fromkeys(t for t in texts[i * k:(i + 1) * k] if t))  # distinct, in order
+            if len(answers) < 2:
+                skipped += 1
+                continue
+            order = rank(example["prompt"], answers)
+            rankings.append({"prompt": example["prompt"], "responses": [answers[j] for j in order],
+                             "user_id": example["user_id"]})
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rankings), encoding="utf-8")
+    os.replace(tmp, out_path)
+    log.info("labelled %d prompts with %d sampled answers each; skipped %d with fewer than 2 distinct answers",
+             len(rankings), k, skipped)
+    return {"rankings": len(rankings), "skipped_fewer_than_2_distinct": skipped}

@@ -1,0 +1,168 @@
+"""The PPO / PPO-ptx recipe (InstructGPT stage 3), one iteration per rollout batch, in paper order.
+
+    objective(phi) = E[ r_theta(x, y) - beta * log(pi_phi(y|x) / pi_SFT(y|x)) ] + gamma * E[ log pi_phi(x) ]
+
+Roles on the one shared base: `policy` (trainable, from the SFT adapter), `reference` (the frozen SFT
+adapter), `reward` (the frozen RM) and `value` (trainable, from the RM adapter and head, as InstructGPT
+initialises the value function from the RM).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state,
+                             save_checkpoint, save_trainer_state, set_rng_state)
+from rlhf.config import save_config, validate
+from rlhf.data import load_records, split_by_user
+from rlhf.metrics import MetricsLogger
+from rlhf.models import RoleModel
+from rlhf.ppo.batches import PretrainBatches, PromptBatches
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.kl_controller import KLController
+from rlhf.ppo.rewards import score_penalties, shape_rewards
+from rlhf.ppo.rollout import sample, score
+from rlhf.ppo.update import UpdateSettings, ppo_epochs
+from rlhf.stage_dirs import adapter_dir, mark_done
+from rlhf.training import (NonFiniteError, NonFiniteGuard, build_optimizer, cosine_schedule, is_oom, oom_error,
+                           resolve_device, set_seed)
+from rlhf_kernels import gae, whiten
+
+log = logging.getLogger("rlhf.ppo")
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over the valid tokens (cleanrl `explained_var`)."""
+    v, r = values[mask], returns[mask]
+    var_r = r.var(unbiased=False) if r.numel() > 1 else torch.zeros((), device=r.device)
+    return torch.where(var_r > 0, 1 - (r - v).var(unbiased=False) / var_r, torch.full_like(var_r, float("nan")))
+
+
+def build_roles(cfg: PPOConfig, device: torch.device, resume_from: Path | None) -> RoleModel:
+    """policy <- SFT (or the checkpoint), reference <- SFT (frozen), reward <- RM (frozen), value <- RM."""
+    model = RoleModel(cfg.model, device=device)
+    sft = adapter_dir(cfg.sft_dir, "policy")
+    rm = adapter_dir(cfg.rm_dir, "reward")
+    model.add_role("reference", adapter_dir=sft, trainable=False)
+    model.add_role("reward", adapter_dir=rm, trainable=False, head="reward")
+    model.add_role("policy", adapter_dir=resume_from / "policy" if resume_from else sft, trainable=True)
+    model.add_role("value", adapter_dir=resume_from / "value" if resume_from else rm, trainable=True, head="value")
+    return model
+
+
+def train(cfg: PPOConfig) -> Path:
+    """Run PPO (ptx_coef > 0: PPO-ptx) and return the run directory (policy adapter in `out/policy`)."""
+    validate(cfg)
+    cfg.check_inputs()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg.device)
+    resume_from = resolve_resume(out, cfg.resume)
+    set_seed(cfg.seed)
+
+    prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
+    train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
+    model = build_roles(cfg, device, resume_from)
+    prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
+                                   cfg.data.max_prompt_length, cfg.seed, device)
+    ptx_batches = None
+    if cfg.ptx_coef > 0:
+        texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
+        ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
+                                      cfg.seed, device)
+    params = model.parameters("policy") + model.parameters("value")
+    optimizer = build_optimizer(params, cfg.optim)
+    scheduler = cosine_schedule(optimizer, cfg.iterations, cfg.optim)
+    kl_ctl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+    guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)
+    generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffles
+    start = 0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        guard.load_state_dict(state["guard"])
+        generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        start = state["iteration"]
+        if ptx_batches is not None:
+            ptx_batches.position = state["ptx_position"]
+        log.info("resumed from %s at iteration %d", resume_from, start)
+    metrics = MetricsLogger(out, "ppo", resume_step=start if resume_from else None)
+    settings = UpdateSettings(cfg.ppo_epochs, cfg.mini_batch_size, cfg.micro_batch_size, cfg.clip_eps,
+                              cfg.value_clip_eps, cfg.vf_coef, cfg.ptx_coef, cfg.rollout.temperature,
+                              cfg.optim.max_grad_norm, cfg.precision, cfg.auto_halve_micro_batch)
+
+    def checkpoint(iteration: int) -> None:
+        def write(directory: Path) -> None:
+            model.save_role("policy", directory / "policy")
+            model.save_role("value", directory / "value")
+            save_trainer_state(directory, {
+                "iteration": iteration, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "kl_controller": kl_ctl.state_dict(), "guard": guard.state_dict(),
+                "generator": generator.get_state(), "rng": rng_state(),
+                "ptx_position": ptx_batches.position if ptx_batches else 0})
+        save_checkpoint(out, iteration, write, keep_last=cfg.keep_last)
+
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
+    for iteration in bar:
+        t0 = time.perf_counter()
+        try:
+            # 1. rollout: sample one answer per prompt from the policy (KV cache, same temperature as scoring)
+            prompt_ids, prompt_mask = prompt_batches.batch(iteration)  # [B, P]
+            rollout = sample(model, prompt_ids, prompt_mask, cfg.rollout.max_new_tokens,
+                             cfg.rollout.temperature, cfg.rollout.top_p)
+            t_rollout = time.perf_counter()
+            # 2. score: policy and reference log-probs, values, RM score (no gradient)
+            rollout = score(model, rollout, cfg.rollout.temperature, cfg.micro_batch_size)
+            # 3. rewards: -beta * kl_t on every answer token, the RM score at the last one
+            scores = score_penalties(rollout.rm_scores, rollout.ended_with_eos, cfg.rollout.no_eos_score,
+                                     cfg.rollout.score_clip)  # [B]
+            rewards, kl = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.answer_mask,
+                                        kl_ctl.value, cfg.kl.estimator, cfg.rollout.whiten_rewards)  # [B, T]
+            # 4. advantages: GAE, whitened over the valid tokens; returns = advantages + values
+            advantages, rollout.returns = gae(rewards, rollout.values, rollout.answer_mask,
+                                              gamma=cfg.gae.gamma, lam=cfg.gae.lam)  # [B, T]
+            rollout.advantages = whiten(advantages, rollout.answer_mask)
+            t_score = time.perf_counter()
+            # 5. PPO epochs over reshuffled mini-batches: clipped policy loss + clipped value loss (+ ptx)
+            stats = ppo_epochs(model, rollout, optimizer, scheduler, params, settings, generator,
+                               ptx_batches.next if ptx_batches else None, guard, iteration)
+        except NonFiniteError:
+            checkpoint(iteration)  # the weights are the last good ones: bad steps were skipped
+            raise
+        except RuntimeError as err:
+            if is_oom(err):
+                raise oom_error("PPO iteration", ["micro_batch_size", "rollout.batch_size",
+                                                  "rollout.max_new_tokens", "data.max_prompt_length"]) from err
+            raise
+        # 6. KL controller, log, checkpoint
+        kl_per_answer = kl.sum(dim=1).mean()  # sequence-level KL, the quantity the controller targets
+        kl_ctl.update(kl_per_answer.item(), cfg.rollout.batch_size)
+        step = iteration + 1
+        elapsed = time.perf_counter() - t0
+        answer_tokens = rollout.answer_mask.sum()
+        row = metrics.log(step, {
+            "rm_score": rollout.rm_scores.mean(), "score_with_penalties": scores.mean(),
+            "kl_to_ref": kl_per_answer, "kl_coef": kl_ctl.value, "answer_length": answer_tokens / len(scores),
+            "no_eos_frac": 1.0 - rollout.ended_with_eos.float().mean(),
+            "explained_variance": explained_variance(rollout.values, rollout.returns, rollout.answer_mask),
+            **stats, "tokens_per_s": answer_tokens / elapsed, "rollout_s": t_rollout - t0,
+            "score_s": t_score - t_rollout, "update_s": time.perf_counter() - t_score,
+            "lr": scheduler.get_last_lr()[0], "skipped_steps": guard.skipped_total})
+        bar.set_postfix(rm=f"{row['rm_score']:.3f}", kl=f"{row['kl_to_ref']:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+            checkpoint(step)
+    metrics.close()
+    model.save_role("policy", out / "policy")
+    model.save_role("value", out / "value")
+    mark_done(out)
+    log.info("PPO done: policy adapter in %s", out / "policy")
+    return out

@@ -1,0 +1,116 @@
+"""Step 1 and 2 of a PPO iteration: sample answers from the policy, then score them.
+
+A rollout batch holds, for B prompts (left-padded to P tokens) and their sampled answers (right-padded
+to T tokens):
+
+    sequences      [B, S]  prompt then answer, S = P + T
+    attention_mask [B, S]  True on real prompt tokens and on answer tokens up to and including EOS
+    answer_mask    [B, T]  True on the answer tokens that count (up to and including the first EOS)
+    ended_with_eos [B]     False for answers cut off at `max_new_tokens`
+
+Scoring runs every role over the same sequences with no gradient: policy log-probs (at the sampling
+temperature, so the KL estimate is not biased: MISSION "log-probs recomputed with the same
+temperature"), reference log-probs, per-token values, and the RM score of the last real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor  # [B, S] int64
+    attention_mask: torch.Tensor  # [B, S] bool
+    answer_mask: torch.Tensor  # [B, T] bool
+    ended_with_eos: torch.Tensor  # [B] bool
+    prompt_len: int  # P
+    logprobs: torch.Tensor | None = None  # [B, T] fp32, policy at sampling time
+    ref_logprobs: torch.Tensor | None = None  # [B, T] fp32
+    values: torch.Tensor | None = None  # [B, T] fp32
+    rm_scores: torch.Tensor | None = None  # [B] fp32, before penalties
+    advantages: torch.Tensor | None = None  # [B, T] fp32
+    returns: torch.Tensor | None = None  # [B, T] fp32
+
+    @property
+    def answers(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len:]  # [B, T]
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """Rows `index` of every per-sample tensor (a mini-batch)."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        return Rollout(**picked)
+
+
+def answer_mask_from(answers: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] sampled tokens -> (mask up to and including the first EOS [B, T], ended_with_eos [B]).
+
+    `generate` pads finished rows with pad_id. The mask ignores token identity before the first EOS (a
+    sampled pad token counts like any other): that is what `generate` attended to while sampling.
+    """
+    is_eos = answers == eos_id  # [B, T]
+    # number of EOS strictly before each position: 0 means the answer has not stopped yet
+    eos_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # [B, T]
+    mask = eos_before == 0  # [B, T]
+    return mask, is_eos.any(dim=1)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+           temperature: float, top_p: float, role: str = "policy") -> Rollout:
+    """Sample one answer per left-padded prompt with the KV cache; returns an unscored Rollout."""
+    tokenizer = model.tokenizer
+    sequences = model.generate(
+        role, prompt_ids, prompt_mask,
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # top_k=0: no hidden truncation
+        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # [B, P + T'] with T' <= max_new_tokens
+    prompt_len = prompt_ids.shape[1]
+    answers = sequences[:, prompt_len:]  # [B, T]
+    if answers.shape[1] == 0:  # every row stopped at once is impossible (EOS is a token), but be safe
+        answers = torch.full((sequences.shape[0], 1), tokenizer.pad_token_id, device=sequences.device)
+        sequences = torch.cat([sequences, answers], dim=1)
+    answer_mask, ended = answer_mask_from(answers, tokenizer.eos_token_id)
+    attention_mask = torch.cat([prompt_mask.bool(), answer_mask], dim=1)  # [B, S]
+    return Rollout(sequences=sequences, attention_mask=attention_mask, answer_mask=answer_mask,
+                   ended_with_eos=ended, prompt_len=prompt_len)
+
+
+def answer_hidden(model, role: str, rollout: Rollout) -> torch.Tensor:
+    """Hidden states that predict each answer token: positions P-1 .. S-2. -> [B, T, H]"""
+    hidden = model.hidden_states(role, rollout.sequences, rollout.attention_mask)  # [B, S, H]
+    P, T = rollout.prompt_len, rollout.answer_mask.shape[1]
+    return hidden[:, P - 1:P + T - 1]  # [B, T, H]
+
+
+def answer_labels(rollout: Rollout, ignore_index: int = -100) -> torch.Tensor:
+    return torch.where(rollout.answer_mask, rollout.answers, torch.full_like(rollout.answers, ignore_index))
+
+
+@torch.no_grad()
+def score(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> Rollout:
+    """Fill in log-probs (policy, reference), values and RM scores, micro-batch by micro-batch."""
+    from rlhf_kernels import fused_linear_token_logprobs
+
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "rm_scores": []}
+    B = rollout.sequences.shape[0]
+    for start in range(0, B, micro_batch_size):
+        chunk = rollout.select(torch.arange(start, min(start + micro_batch_size, B)))
+        labels = answer_labels(chunk).reshape(-1)  # [b*T]
+        for name, role in (("logprobs", "policy"), ("ref_logprobs", "reference")):
+            hidden = answer_hidden(model, role, chunk)  # [b, T, H]
+            logp = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, labels,
+                                               bias=model.lm_head_bias, temperature=temperature)  # [b*T]
+            parts[name].append(logp.view_as(chunk.answer_mask))
+        values = model.values("value", chunk.sequences, chunk.attention_mask)  # [b, S]
+        P, T = chunk.prompt_len, chunk.answer_mask.shape[1]
+        parts["values"].append(values[:, P - 1:P + T - 1].float() * chunk.answer_mask)
+        parts["rm_scores"].append(model.reward_scores("reward", chunk.sequences, chunk.attention_mask).float())
+    for name, tensors in parts.items():
+        setattr(rollout, name, torch.cat(tensors))
+    return rollout
