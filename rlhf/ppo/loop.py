@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from rlhf.ppo.batches import PretrainBatches, PromptBatches
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.kl_controller import KLController
 from rlhf.ppo.rewards import score_penalties, shape_rewards
-from rlhf.ppo.rollout import sample, score
+from rlhf.ppo.rollout import Rollout, sample, score
 from rlhf.ppo.update import UpdateSettings, ppo_epochs
 from rlhf.stage_dirs import adapter_dir, mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, build_optimizer, cosine_schedule, is_oom, oom_error,
@@ -41,6 +42,68 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     v, r = values[mask], returns[mask]
     var_r = r.var(unbiased=False) if r.numel() > 1 else torch.zeros((), device=r.device)
     return torch.where(var_r > 0, 1 - (r - v).var(unbiased=False) / var_r, torch.full_like(var_r, float("nan")))
+
+
+@dataclass
+class Trainer:
+    """What one PPO iteration updates besides the model."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]
+    kl_ctl: KLController
+    guard: NonFiniteGuard
+    generator: torch.Generator  # mini-batch shuffles
+    ptx_batches: PretrainBatches | None
+    settings: UpdateSettings
+
+
+@dataclass
+class IterationResult:
+    rollout: Rollout
+    scores: torch.Tensor  # [B] RM scores after the no-EOS penalty and clipping
+    kl: torch.Tensor  # [B, T] per-token KL to the reference
+    stats: dict[str, torch.Tensor]
+    timings_s: dict[str, float]  # rollout_s, score_s, update_s
+
+
+def ppo_iteration(cfg: PPOConfig, model: RoleModel, trainer: Trainer, prompts: tuple[torch.Tensor, torch.Tensor],
+                  iteration: int) -> IterationResult:
+    """Steps 1-5 of one PPO iteration on a batch of left-padded prompts ([B, P] ids and mask)."""
+    t0 = time.perf_counter()
+    # 1. rollout: sample one answer per prompt from the policy (KV cache, same temperature as scoring)
+    rollout = sample(model, *prompts, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+    t_rollout = time.perf_counter()
+    # 2. score: policy and reference log-probs, values, RM score (no gradient)
+    rollout = score(model, rollout, cfg.rollout.temperature, trainer.settings.micro_batch_size)
+    # 3. rewards: -beta * kl_t on every answer token, the RM score at the last one
+    scores = score_penalties(rollout.rm_scores, rollout.ended_with_eos, cfg.rollout.no_eos_score,
+                             cfg.rollout.score_clip)  # [B]
+    rewards, kl = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.answer_mask,
+                                trainer.kl_ctl.value, cfg.kl.estimator, cfg.rollout.whiten_rewards)  # [B, T]
+    # 4. advantages: GAE, whitened over the valid tokens; returns = advantages + values
+    advantages, rollout.returns = gae(rewards, rollout.values, rollout.answer_mask,
+                                      gamma=cfg.gae.gamma, lam=cfg.gae.lam)  # [B, T]
+    rollout.advantages = whiten(advantages, rollout.answer_mask)
+    t_score = time.perf_counter()
+    # 5. PPO epochs over reshuffled mini-batches: clipped policy loss + clipped value loss (+ ptx)
+    stats = ppo_epochs(model, rollout, trainer.optimizer, trainer.scheduler, trainer.params, trainer.settings,
+                       trainer.generator, trainer.ptx_batches.next if trainer.ptx_batches else None,
+                       trainer.guard, iteration)
+    timings = {"rollout_s": t_rollout - t0, "score_s": t_score - t_rollout,
+               "update_s": time.perf_counter() - t_score}
+    return IterationResult(rollout, scores, kl, stats, timings)
+
+
+def build_trainer(cfg: PPOConfig, model: RoleModel, ptx_batches: PretrainBatches | None) -> Trainer:
+    """One optimiser over the policy and value adapters (and the value head)."""
+    params = model.parameters("policy") + model.parameters("value")
+    optimizer = build_optimizer(params, cfg.optim)
+    settings = UpdateSettings(cfg.ppo_epochs, cfg.mini_batch_size, cfg.micro_batch_size, cfg.clip_eps,
+                              cfg.value_clip_eps, cfg.vf_coef, cfg.ptx_coef, cfg.rollout.temperature,
+                              cfg.optim.max_grad_norm, cfg.precision, cfg.auto_halve_micro_batch)
+    return Trainer(optimizer, cosine_schedule(optimizer, cfg.iterations, cfg.optim), params,
+                   KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon), NonFiniteGuard(cfg.max_nonfinite_in_a_row),
+                   torch.Generator().manual_seed(cfg.seed), ptx_batches, settings)
 
 
 def build_roles(cfg: PPOConfig, device: torch.device, resume_from: Path | None) -> RoleModel:
@@ -76,12 +139,9 @@ def train(cfg: PPOConfig) -> Path:
         texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
         ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
                                       cfg.seed, device)
-    params = model.parameters("policy") + model.parameters("value")
-    optimizer = build_optimizer(params, cfg.optim)
-    scheduler = cosine_schedule(optimizer, cfg.iterations, cfg.optim)
-    kl_ctl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
-    guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)
-    generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffles
+    trainer = build_trainer(cfg, model, ptx_batches)
+    optimizer, scheduler, kl_ctl, guard, generator = (trainer.optimizer, trainer.scheduler, trainer.kl_ctl,
+                                                      trainer.guard, trainer.generator)
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
@@ -96,9 +156,6 @@ def train(cfg: PPOConfig) -> Path:
             ptx_batches.position = state["ptx_position"]
         log.info("resumed from %s at iteration %d", resume_from, start)
     metrics = MetricsLogger(out, "ppo", resume_step=start if resume_from else None)
-    settings = UpdateSettings(cfg.ppo_epochs, cfg.mini_batch_size, cfg.micro_batch_size, cfg.clip_eps,
-                              cfg.value_clip_eps, cfg.vf_coef, cfg.ptx_coef, cfg.rollout.temperature,
-                              cfg.optim.max_grad_norm, cfg.precision, cfg.auto_halve_micro_batch)
 
     def checkpoint(iteration: int) -> None:
         def write(directory: Path) -> None:
@@ -115,26 +172,7 @@ def train(cfg: PPOConfig) -> Path:
     for iteration in bar:
         t0 = time.perf_counter()
         try:
-            # 1. rollout: sample one answer per prompt from the policy (KV cache, same temperature as scoring)
-            prompt_ids, prompt_mask = prompt_batches.batch(iteration)  # [B, P]
-            rollout = sample(model, prompt_ids, prompt_mask, cfg.rollout.max_new_tokens,
-                             cfg.rollout.temperature, cfg.rollout.top_p)
-            t_rollout = time.perf_counter()
-            # 2. score: policy and reference log-probs, values, RM score (no gradient)
-            rollout = score(model, rollout, cfg.rollout.temperature, cfg.micro_batch_size)
-            # 3. rewards: -beta * kl_t on every answer token, the RM score at the last one
-            scores = score_penalties(rollout.rm_scores, rollout.ended_with_eos, cfg.rollout.no_eos_score,
-                                     cfg.rollout.score_clip)  # [B]
-            rewards, kl = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.answer_mask,
-                                        kl_ctl.value, cfg.kl.estimator, cfg.rollout.whiten_rewards)  # [B, T]
-            # 4. advantages: GAE, whitened over the valid tokens; returns = advantages + values
-            advantages, rollout.returns = gae(rewards, rollout.values, rollout.answer_mask,
-                                              gamma=cfg.gae.gamma, lam=cfg.gae.lam)  # [B, T]
-            rollout.advantages = whiten(advantages, rollout.answer_mask)
-            t_score = time.perf_counter()
-            # 5. PPO epochs over reshuffled mini-batches: clipped policy loss + clipped value loss (+ ptx)
-            stats = ppo_epochs(model, rollout, optimizer, scheduler, params, settings, generator,
-                               ptx_batches.next if ptx_batches else None, guard, iteration)
+            result = ppo_iteration(cfg, model, trainer, prompt_batches.batch(iteration), iteration)
         except NonFiniteError:
             checkpoint(iteration)  # the weights are the last good ones: bad steps were skipped
             raise
@@ -143,6 +181,7 @@ def train(cfg: PPOConfig) -> Path:
                 raise oom_error("PPO iteration", ["micro_batch_size", "rollout.batch_size",
                                                   "rollout.max_new_tokens", "data.max_prompt_length"]) from err
             raise
+        rollout, scores, kl, stats = result.rollout, result.scores, result.kl, result.stats
         # 6. KL controller, log, checkpoint
         kl_per_answer = kl.sum(dim=1).mean()  # sequence-level KL, the quantity the controller targets
         kl_ctl.update(kl_per_answer.item(), cfg.rollout.batch_size)
@@ -154,8 +193,7 @@ def train(cfg: PPOConfig) -> Path:
             "kl_to_ref": kl_per_answer, "kl_coef": kl_ctl.value, "answer_length": answer_tokens / len(scores),
             "no_eos_frac": 1.0 - rollout.ended_with_eos.float().mean(),
             "explained_variance": explained_variance(rollout.values, rollout.returns, rollout.answer_mask),
-            **stats, "tokens_per_s": answer_tokens / elapsed, "rollout_s": t_rollout - t0,
-            "score_s": t_score - t_rollout, "update_s": time.perf_counter() - t_score,
+            **stats, "tokens_per_s": answer_tokens / elapsed, **result.timings_s,
             "lr": scheduler.get_last_lr()[0], "skipped_steps": guard.skipped_total})
         bar.set_postfix(rm=f"{row['rm_score']:.3f}", kl=f"{row['kl_to_ref']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
