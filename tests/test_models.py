@@ -62,7 +62,7 @@ def test_config_defaults_validate():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"path": ""}, r"model\.path is required"),
+        ({"path": 3}, r"model\.path must be a string"),
         ({"quantization": "int3"}, r"model\.quantization must be 'nf4' or 'none', got 'int3'"),
         ({"lora_r": 0}, r"model\.lora_r must be an integer >= 1, got 0"),
         ({"lora_alpha": -1.0}, r"model\.lora_alpha must be a number > 0"),
@@ -93,6 +93,8 @@ def test_missing_model_path(tmp_path):
         load_tokenizer(missing)
     with pytest.raises(ModelError, match=message):
         RoleModel(ModelConfig(path=str(missing), quantization="none"))
+    with pytest.raises(ModelError, match=r"model\.path is required"):
+        RoleModel(ModelConfig(path="", quantization="none"))
 
 
 def test_dir_without_config_json(tmp_path):

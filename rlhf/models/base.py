@@ -40,6 +40,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def check_model_dir(path: str | Path) -> Path:
     """The local model directory, or a ModelError saying what is missing (we never download)."""
+    if not str(path):
+        raise ModelError("model.path is required: a local Hugging Face model directory (--model DIR)")
     model_dir = Path(path)
     if not model_dir.exists():
         raise ModelError(

@@ -34,8 +34,10 @@ class ModelConfig:
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     def validate(self) -> None:
-        if not isinstance(self.path, str) or not self.path:
-            raise ConfigError("model.path is required: a local Hugging Face model directory (--model DIR)")
+        # an empty path is allowed here: the pipeline fills it in; each stage's check_inputs and
+        # RoleModel refuse to load without one
+        if not isinstance(self.path, str):
+            raise ConfigError(f"model.path must be a string (a local Hugging Face model directory), got {self.path!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"model.quantization must be 'nf4' or 'none', got {self.quantization!r}")
         if not _is_number(self.lora_r, int) or self.lora_r < 1:
