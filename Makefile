@@ -27,6 +27,8 @@ test: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/kernels.py --smoke
+	$(BIN)/python benchmarks/ppo_step.py --smoke
+	$(BIN)/python benchmarks/capacity.py --smoke
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) benchmarks/.venv-trl runs .pytest_cache

@@ -30,21 +30,20 @@ with the device, torch/triton versions, git commit and date.
 """
 
 import argparse
-import ctypes
-import datetime
 import json
 import math
-import platform
-import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # see ppo_step.py
+sys.path.insert(0, str(_HERE.parent))
 
-from rlhf_kernels import fused_linear_ppo_loss, ppo_policy_loss, reference, token_logprobs
+import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._common import ROOT, environment, fix_malloc_threshold, median_p20_p80, proc_status_bytes  # noqa: E402
+from rlhf_kernels import fused_linear_ppo_loss, ppo_policy_loss, reference, token_logprobs  # noqa: E402
 # Peak HBM bandwidth by device name (vendor datasheets), for the "% of peak" column.
 PEAK_GBS = {"H100 PCIe": 2000.0, "H100": 3350.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
 GPU_GRID_N = (2048, 8192, 32768)
@@ -142,24 +141,6 @@ def grad_leaves(x, op):
 # ---------------------------------------------------------------------------------------------
 
 
-def _proc_status_bytes(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _fix_malloc_threshold():
-    # glibc raises its mmap threshold after each large free (up to 32 MiB), after which freed
-    # tensors stay in the heap and never leave the resident set; a fixed 64 KiB keeps them mmapped.
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-        return True
-    except OSError:
-        return False
-
-
 def measure_cpu(fn, x, leaves, repeats):
     """-> (median, p20, p80 in ms, peak extra MiB). Peak: VmHWM after a clear_refs reset, minus
     the resident set before the run."""
@@ -174,9 +155,9 @@ def measure_cpu(fn, x, leaves, repeats):
         t.grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident set (VmHWM) to the current one
-    before = _proc_status_bytes("VmRSS")
+    before = proc_status_bytes("VmRSS")
     fn(x)
-    peak_mib = (_proc_status_bytes("VmHWM") - before) / 2**20
+    peak_mib = (proc_status_bytes("VmHWM") - before) / 2**20
     times = []
     for _ in range(repeats):
         for t in leaves:
@@ -184,8 +165,7 @@ def measure_cpu(fn, x, leaves, repeats):
         start = time.perf_counter()
         fn(x)
         times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive")  # deciles: q[1] = p20, q[7] = p80
-    return statistics.median(times), q[1], q[7], peak_mib
+    return (*median_p20_p80(times), peak_mib)
 
 
 def measure_gpu(fn, x, leaves):
@@ -274,30 +254,6 @@ def print_table(rows):
               f"{fmt('x_faster_than_torch', '.2f'):>10}{fmt('x_less_memory_than_torch', '.2f'):>11}")
 
 
-def environment(device):
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except OSError:  # no git on the machine
-        commit = None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                    platform.processor())
-    return {"device": name, "device_type": device.type, "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "triton": triton_version, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def peak_bandwidth(device_name, override):
     if override:
         return override
@@ -323,7 +279,7 @@ def main():
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     if not on_gpu:
-        _fix_malloc_threshold()
+        fix_malloc_threshold()
     if args.smoke:
         grid_n, grid_v, H = args.n or [64], args.v or [1000], args.h or 64
     elif on_gpu:

@@ -28,6 +28,11 @@ def _to_float(value: Any) -> Any:
     return value
 
 
+def postfix(row: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, str]:
+    """The progress bar's live values from a logged row (a non-finite value is logged as the string "nan")."""
+    return {k: f"{row[k]:.3f}" if isinstance(row[k], (int, float)) else str(row[k]) for k in keys if k in row}
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():

@@ -30,7 +30,7 @@ from rlhf.config import require_path, save_config, validate
 from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
-from rlhf.metrics import MetricsLogger
+from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.stage_dirs import adapter_dir, mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
@@ -288,7 +288,7 @@ def train(cfg: RMConfig) -> Path:
                                          cfg.margin))
         if row:
             logged = metrics.log(done, row)
-            bar.set_postfix({k: f"{logged[k]:.3f}" for k in ("train_loss", "val_pairwise_accuracy") if k in logged})
+            bar.set_postfix(postfix(logged, ("train_loss", "val_pairwise_accuracy")))
         if done % cfg.checkpoint_every == 0 or done == total_steps:
             checkpoint(done)
     summary = normalise(model, cfg, train_records)

@@ -22,7 +22,7 @@ from rlhf.config import require_path, save_config, validate
 from rlhf.data import load_records, pad_right, shift_labels, split_by_user, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
-from rlhf.metrics import MetricsLogger
+from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.stage_dirs import mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
@@ -202,7 +202,7 @@ def train(cfg: SFTConfig) -> Path:
             row.update(evaluate_loss(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision))
         if row:
             logged = metrics.log(done, row)
-            bar.set_postfix({k: f"{logged[k]:.3f}" for k in ("train_loss", "val_loss") if k in logged})
+            bar.set_postfix(postfix(logged, ("train_loss", "val_loss")))
         if done % cfg.checkpoint_every == 0 or done == total_steps:
             checkpoint(done)
     metrics.close()

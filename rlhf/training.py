@@ -137,6 +137,7 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def oom_error(where: str, settings: list[str]) -> RLHFError:
-    return RLHFError(f"out of memory during {where}; lower one of: {', '.join(settings)} "
-                     "(or set auto_halve_micro_batch=true to halve the micro-batch and go on)")
+def oom_error(where: str, settings: list[str], can_halve: bool = False) -> RLHFError:
+    """The error for an out-of-memory in `where`, naming the settings that lower its memory."""
+    hint = " (or set auto_halve_micro_batch=true to halve the micro-batch and go on)" if can_halve else ""
+    return RLHFError(f"out of memory during {where}; lower one of: {', '.join(settings)}{hint}")

@@ -209,6 +209,10 @@ def _read_json_lines(path: Path) -> Iterator[tuple[str, object]]:
                     "malformed JSON",
                     f"malformed JSON: {error.msg} at column {error.colno}; each line must hold one JSON object",
                 )
+            except RecursionError:  # json's parser recurses once per level of [ or {
+                yield source, _InvalidRecord(
+                    "malformed JSON", "malformed JSON: nested too deeply to parse; each line must hold one JSON object"
+                )
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -220,7 +224,7 @@ def _starts_with_array(path: Path) -> bool:
 def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         # one broken array loses every record, so this is never a skip
         raise DataError(f"{path}: malformed JSON array: {error}; or write one JSON object per line (.jsonl)") from error
     for row_index, row in enumerate(items):

@@ -21,7 +21,7 @@ from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state,
                              save_checkpoint, save_trainer_state, set_rng_state)
 from rlhf.config import save_config, validate
 from rlhf.data import load_records, split_by_user
-from rlhf.metrics import MetricsLogger
+from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import RoleModel
 from rlhf.ppo.batches import PretrainBatches, PromptBatches
 from rlhf.ppo.config import PPOConfig
@@ -179,7 +179,8 @@ def train(cfg: PPOConfig) -> Path:
         except RuntimeError as err:
             if is_oom(err):
                 raise oom_error("PPO iteration", ["micro_batch_size", "rollout.batch_size",
-                                                  "rollout.max_new_tokens", "data.max_prompt_length"]) from err
+                                                  "rollout.max_new_tokens", "data.max_prompt_length"],
+                                can_halve=not cfg.auto_halve_micro_batch) from err
             raise
         rollout, scores, kl, stats = result.rollout, result.scores, result.kl, result.stats
         # 6. KL controller, log, checkpoint
@@ -195,7 +196,7 @@ def train(cfg: PPOConfig) -> Path:
             "explained_variance": explained_variance(rollout.values, rollout.returns, rollout.answer_mask),
             **stats, "tokens_per_s": answer_tokens / elapsed, **result.timings_s,
             "lr": scheduler.get_last_lr()[0], "skipped_steps": guard.skipped_total})
-        bar.set_postfix(rm=f"{row['rm_score']:.3f}", kl=f"{row['kl_to_ref']:.3f}")
+        bar.set_postfix(postfix(row, ("rm_score", "kl_to_ref")))
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
             checkpoint(step)
     metrics.close()

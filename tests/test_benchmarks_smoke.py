@@ -1,0 +1,88 @@
+"""The benchmark scripts run end to end on CPU in their --smoke modes (issue 8): each in a subprocess,
+as a user would start it, writing its JSON to a temp dir. The TRL peer runs only where its venv
+(benchmarks/setup_trl_venv.sh) exists."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_PYTHON = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
+
+
+def run_script(name, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RLHF_KERNELS_BACKEND")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def check_record(path):
+    record = json.loads(Path(path).read_text())
+    for key in ("device", "torch", "commit", "date", "results"):
+        assert key in record, key
+    return record
+
+
+def test_kernels_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    stdout = run_script("kernels.py", "--smoke", "--out", str(out))
+    assert "x faster" in stdout
+    record = check_record(out)
+    assert all("ms" in row for row in record["results"] if row["provider"] in ("ours", "torch"))
+
+
+def test_ppo_step_smoke(tmp_path):
+    out = tmp_path / "ppo_step.json"
+    stdout = run_script("ppo_step.py", "--smoke", "--out", str(out))
+    assert "ours (PPO-ptx)" in stdout
+    ours = check_record(out)["results"]["ours"]
+    assert ours["total_s"]["n"] == 2 and ours["total_s"]["median"] > 0
+    assert ours["answer_tokens_per_iteration"] == 4 * 8  # fixed-length answers: batch 4 x 8 tokens
+    assert {"rollout_s", "score_s", "update_s", "peak_rss_mib"} <= set(ours)
+
+
+@pytest.mark.skipif(not TRL_PYTHON.exists(), reason="TRL peer venv missing (bash benchmarks/setup_trl_venv.sh)")
+def test_ppo_step_smoke_trl_peer(tmp_path):
+    out = tmp_path / "ppo_step_trl.json"
+    run_script("ppo_step.py", "--smoke", "--providers", "ours-noptx", "trl-nogc", "--out", str(out))
+    results = check_record(out)["results"]
+    assert "error" not in results["trl-nogc"], results["trl-nogc"]
+    assert results["trl-nogc"]["total_s"]["median"] > 0
+    assert "x_faster_than_trl-nogc" in results["ours-noptx"]
+
+
+def test_capacity_smoke(tmp_path):
+    out = tmp_path / "capacity.json"
+    stdout = run_script("capacity.py", "--smoke", "--out", str(out))
+    found = check_record(out)["results"]["ours"]
+    assert found["largest"] == "h128-l2" and all(row["fits"] for row in found["rows"])
+    assert "largest" in stdout
+
+
+def test_capacity_smoke_budget_stops_the_search(tmp_path):
+    out = tmp_path / "capacity.json"
+    run_script("capacity.py", "--smoke", "--budget-mib", "1", "--out", str(out))
+    found = check_record(out)["results"]["ours"]
+    assert found["largest"] is None and len(found["rows"]) == 1 and not found["rows"][0]["fits"]
+
+
+def test_capacity_search_logic():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.capacity import search
+
+    limits = {"a": 2, "b": 0}  # provider a fits rungs 0..2, b none
+    tried = []
+
+    def try_rung(name, shape, provider):
+        tried.append((provider, name))
+        return {"fits": shape <= limits[provider]}
+
+    found = search({"r0": 0, "r1": 1, "r2": 2, "r3": 3, "r4": 4}, ["a", "b"], try_rung)
+    assert found["a"]["largest"] == "r2" and found["b"]["largest"] == "r0"
+    assert ("a", "r4") not in tried and ("b", "r2") not in tried  # stops at the first miss
