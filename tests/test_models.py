@@ -537,3 +537,20 @@ def test_partial_adapter_file_is_refused(tiny_model_dir, tmp_path):
             model.hidden_states("reference", input_ids, attention_mask),
             model.hidden_states("policy", input_ids, attention_mask),
         )
+
+
+def test_loaded_adapter_takes_this_runs_lora_dropout(tiny_model_dir, tmp_path):
+    # SFT saves its adapter with dropout 0.2; PPO loads it with dropout 0 so the training forward
+    # reproduces the rollout's log-probs (a ratio of exactly 1 before the first update)
+    sft = make_model(tiny_model_dir("llama"), roles=("policy",), lora_dropout=0.2)
+    perturb(sft, "policy", seed=3)
+    sft.save_role("policy", tmp_path / "policy")
+    ppo = RoleModel(ModelConfig(path=str(tiny_model_dir("llama")), quantization="none"))
+    ppo.add_role("policy", tmp_path / "policy", trainable=True)
+    input_ids, attention_mask = batch()
+    labels = torch.roll(input_ids, -1, dims=1)  # [B, S]
+    with torch.no_grad():
+        old_logprobs = ppo.token_logprobs("policy", input_ids, attention_mask, labels)  # [B, S]
+    assert torch.equal(ppo.token_logprobs("policy", input_ids, attention_mask, labels).detach(), old_logprobs)
+    sft_train = sft.token_logprobs("policy", input_ids, attention_mask, labels).detach()
+    assert not torch.equal(sft_train, old_logprobs)  # the SFT run itself still trains with its dropout

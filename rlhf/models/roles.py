@@ -122,7 +122,11 @@ class RoleModel:
             self._attach_adapter(name, new_lora_config(self.config, self._causal_lm))
         else:
             adapter_dir = Path(adapter_dir)
-            self._attach_adapter(name, _read_lora_config(adapter_dir))
+            lora_config = _read_lora_config(adapter_dir)
+            # rank and targets come from the saved weights; dropout is this run's choice (SFT may
+            # train with it, PPO runs without it, as InstructGPT does)
+            lora_config.lora_dropout = self.config.lora_dropout
+            self._attach_adapter(name, lora_config)
             try:
                 self._load_adapter_weights(name, adapter_dir)
             except ModelError:
