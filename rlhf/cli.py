@@ -40,7 +40,7 @@ COMMANDS = {
                               ("ptx_coef", "ptx_coef"))),
     "pipeline": Command("rlhf.pipeline", "PipelineConfig", "run",
                         "SFT -> RM -> PPO end to end (no arguments: the toy world)",
-                        (("out", "out_dir"), ("model", "model_path"))),
+                        (("out", "out_dir"), ("model", "model_path"), ("data", "data.dir"))),
     "eval": Command("rlhf.eval", "EvalConfig", "evaluate",
                     "score saved policies: RM score, gold score, win rate, KL to SFT, pretrain loss",
                     (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"), ("sft", "sft_dir"),
@@ -106,12 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[name]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # bitsandbytes warns at import on every CPU machine that an optional faster CPU kernel is absent
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         module = importlib.import_module(cmd.module)
         config_cls = getattr(module, cmd.config)
         config_path, overrides, want_help = parse_overrides(rest, dict(cmd.aliases))
         if want_help:
-            print(_command_help(name, cmd, config_cls))
+            try:
+                print(_command_help(name, cmd, config_cls))
+            except BrokenPipeError:  # `rlhf ppo --help | head`
+                pass
             return 0
         cfg = load_config(config_cls, config_path, overrides)
         getattr(module, cmd.entry)(cfg)

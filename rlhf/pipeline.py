@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.config import save_config, validate
+from rlhf.config import require_path, save_config, validate
 from rlhf.errors import ConfigError
 from rlhf.eval import EvalConfig, evaluate
 from rlhf.models import ModelConfig
@@ -40,10 +40,22 @@ PPO_VARIANTS = ("ppo", "ppo_ptx")
 
 @dataclass
 class PipelineData:
+    dir: str = ""  # a directory laid out like the toy world's; fills the files below that are not set
     sft: str = ""  # demonstrations; "" = the toy world's (as are the three below)
     rankings: str = ""  # used when rm_labels = "file"
     prompts: str = ""  # RM prompts come from `rankings`' prompts; RL and eval prompts from here
     pretrain: str = ""  # plain text for PPO-ptx and the pretrain-loss column
+
+    def validate(self) -> None:
+        if not self.dir:
+            return
+        folder = require_path(self.dir, "data.dir", "data directory")
+        for name in DATA_FILES:
+            if not getattr(self, name) and (folder / f"{name}.jsonl").is_file():
+                setattr(self, name, str(folder / f"{name}.jsonl"))
+
+
+DATA_FILES = ("sft", "rankings", "prompts", "pretrain")  # <name>.jsonl in data.dir, as the toy world writes them
 
 
 @dataclass
@@ -75,8 +87,12 @@ class PipelineConfig:
             raise ConfigError(f"ppo_variants has 'ppo_ptx' but ptx_coef={self.ptx_coef}; set ptx_coef > 0")
         if self.quantization not in ("nf4", "none"):
             raise ConfigError(f"quantization must be 'nf4' or 'none', got {self.quantization!r}")
-        if not self.uses_toy() and not all(dataclasses.astuple(self.data)[i] for i in (0, 2, 3)):
-            raise ConfigError("with model_path set, give data.sft, data.prompts and data.pretrain too "
+        if self.uses_toy() and any(dataclasses.astuple(self.data)):
+            raise ConfigError("data.* is set but model_path is not: the toy world brings its own data and model; "
+                              "give --model PATH to train on your data")
+        if not self.uses_toy() and not all((self.data.sft, self.data.prompts, self.data.pretrain)):
+            raise ConfigError("with model_path set, give data.sft, data.prompts and data.pretrain too, or "
+                              f"--data DIR holding {', '.join(f + '.jsonl' for f in DATA_FILES)} "
                               "(or none of them, to run the toy world)")
         if not self.uses_toy() and self.rm_labels == "sampled":
             raise ConfigError("rm_labels='sampled' needs a labeller; only the toy world has one. "

@@ -119,6 +119,7 @@ def test_wrong_type_in_a_yaml_file(tmp_path):
     (["ppo", "--rollout.top_p", "0"], "rollout.top_p must be in (0, 1], got 0.0"),
     (["pipeline", "--ptx_coef", "0"], "ppo_variants has 'ppo_ptx' but ptx_coef=0.0; set ptx_coef > 0"),
     (["pipeline", "--model", "/some/model"], "with model_path set, give data.sft, data.prompts and data.pretrain too"),
+    (["pipeline", "--data.sft", "demos.jsonl"], "data.* is set but model_path is not: the toy world brings its own"),
 ])
 def test_impossible_combinations(capsys, argv, message):
     assert message in cli_error(capsys, argv)
@@ -177,3 +178,17 @@ def test_bad_yaml_files(capsys, tmp_path):
 def test_cli_usage_errors(capsys):
     assert "rlhf: unknown command 'sfft'" in cli_error(capsys, ["sfft"])
     assert "unexpected argument 'epochs': options look like --field value" in cli_error(capsys, ["sft", "epochs"])
+
+
+def test_pipeline_data_dir_fills_the_files_it_holds(capsys, tmp_path):
+    from rlhf.pipeline import PipelineConfig
+
+    for name in ("sft", "prompts", "pretrain"):
+        (tmp_path / f"{name}.jsonl").write_text("")
+    cfg = load_config(PipelineConfig, overrides={"model_path": "/m", "data.dir": str(tmp_path),
+                                                 "data.prompts": "/elsewhere/prompts.jsonl", "rm_labels": "file"})
+    assert cfg.data.sft == str(tmp_path / "sft.jsonl") and cfg.data.pretrain == str(tmp_path / "pretrain.jsonl")
+    assert cfg.data.prompts == "/elsewhere/prompts.jsonl"  # a file named on its own wins over the directory's
+    assert cfg.data.rankings == ""  # not in the directory
+    assert f"data.dir: data directory '{tmp_path / 'nope'}' does not exist" in cli_error(
+        capsys, ["pipeline", "--model", "/m", "--data", str(tmp_path / "nope")])

@@ -137,6 +137,8 @@ def train(cfg: PPOConfig) -> Path:
     ptx_batches = None
     if cfg.ptx_coef > 0:
         texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
+        # the held-out texts measure the pretraining loss at evaluation, so ptx never trains on them
+        texts, _ = split_by_user(texts, cfg.data.val_fraction, cfg.data.seed)
         ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
                                       cfg.seed, device)
     trainer = build_trainer(cfg, model, ptx_batches)
