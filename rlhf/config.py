@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -34,6 +35,9 @@ def _did_you_mean(key: str, choices: list[str]) -> str:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -87,6 +91,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; everyone means the number
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -99,17 +105,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[C], values: Mapping[str, Any], prefix: str = "") -> C:
-    """Build dataclass `cls` from a (nested) mapping; unknown keys and bad types raise ConfigError."""
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type[C], values: Mapping[str, Any], prefix: str = "", base: C | None = None) -> C:
+    """Build dataclass `cls` from a (nested) mapping; unknown keys and bad types raise ConfigError.
+
+    Fields absent from `values` keep their defaults, those of `base` when given. A nested dataclass
+    given as a mapping starts from the enclosing field's own default, so `model.path` alone keeps
+    the rest of SFTConfig's `ModelConfig(lora_dropout=0.2)` rather than falling back to ModelConfig().
+    """
     types_by_name = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = list(fields_by_name)
     kwargs = {}
     for key, value in values.items():
         where = f"{prefix}.{key}" if prefix else key
         if key not in names:
             raise ConfigError(f"unknown config key '{where}'{_did_you_mean(key, names)}")
-        kwargs[key] = _coerce(value, types_by_name[key], where)
-    return cls(**kwargs)
+        tp = types_by_name[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            default = getattr(base, key) if base is not None else _field_default(fields_by_name[key])
+            kwargs[key] = from_dict(tp, value, where, default if isinstance(default, tp) else None)
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

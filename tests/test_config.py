@@ -85,3 +85,11 @@ def test_saved_config_round_trips(tmp_path):
 def test_field_help_lists_dotted_leaves():
     names = [row[0] for row in field_help(Outer)]
     assert names == ["out_dir", "epochs", "flag", "inner.coef", "inner.target", "inner.names"]
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 (PyYAML) reads `1e-4` as a string; a learning rate written that way must still work
+    assert load_config(Outer, overrides={"inner.coef": "1e-4"}).inner.coef == 1e-4
+    assert load_config(Outer, overrides={"inner.coef": "3E2"}).inner.coef == 300.0
+    with pytest.raises(ConfigError, match="inner.coef: expected a number, got 'fast'"):
+        load_config(Outer, overrides={"inner.coef": "fast"})
