@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import rlhf.eval
 import rlhf.ppo.loop
 from rlhf.config import load_config
 from rlhf.data import load_records, pad_left
-from rlhf.models import ModelConfig, RoleModel
+from rlhf.models import ModelConfig, RoleModel, load_tokenizer
 from rlhf.pipeline import PipelineConfig
 from rlhf.pipeline import run as run_pipeline
 from rlhf.ppo import PPOConfig
@@ -38,7 +39,7 @@ from rlhf.ppo.loop import build_roles, build_trainer, explained_variance, ppo_it
 from rlhf.ppo.rewards import last_token_index, score_penalties, shape_rewards
 from rlhf.ppo.rollout import answer_mask_from, sample, score
 from rlhf.ppo.update import ptx_loss
-from rlhf.toy import ToyConfig, rank, write_toy_world
+from rlhf.toy import ToyConfig, gold_score, rank, write_toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -84,8 +85,10 @@ def test_shape_rewards_is_kl_penalty_on_every_answer_token_plus_score_on_the_las
         for t in range(T):
             if t < n:
                 r = ref_logprobs[b, t].item() - logprobs[b, t].item()
-                want_kl = logprobs[b, t].item() - ref_logprobs[b, t].item() if estimator == "k1" \
-                    else math.exp(r) - r - 1
+                if estimator == "k1":
+                    want_kl = logprobs[b, t].item() - ref_logprobs[b, t].item()
+                else:
+                    want_kl = math.exp(r) - r - 1
                 want_reward = -beta * want_kl + (rm_scores[b].item() if t == n - 1 else 0.0)
             else:
                 want_kl = want_reward = 0.0
@@ -144,9 +147,9 @@ def test_adaptive_kl_coef_follows_ziegler_rule():
     restored = KLController(0.1, target=6.0, horizon=10000)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
-    ctl.update(9.0, 64)
-    restored.update(9.0, 64)
-    assert restored.value == ctl.value != pytest.approx(0.1 * 1.00256 * 1.00512 * 0.99 * 0.98, rel=1e-12)
+    for controller in (ctl, restored):
+        controller.update(9.0, 64)  # err = +0.5 clipped to +0.2: * 1.00128
+    assert restored.value == ctl.value == pytest.approx(0.1 * 1.00256 * 1.00512 * 0.99 * 0.98 * 1.00128, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +219,7 @@ def test_sample_and_score_match_a_forward_pass_on_each_unpadded_row(quick_toy_wo
     cfg = ppo_config(quick_toy_world, fresh_runs, tmp_path)
     model = build_roles(cfg, CPU, None)
     for seed, role in enumerate(("policy", "reference", "reward", "value")):
-        perturb(model, role, seed)
+        perturb(model, role, seed, scale=0.03)  # different roles, still close enough to the base to stop
     prompt_ids, prompt_mask = PromptBatches(load_records(quick_toy_world.prompts, "prompts"), model.tokenizer,
                                             7, 48, 0, CPU).batch(0)
     assert not prompt_mask.all()  # prompts of different lengths: some rows are padded
@@ -230,7 +233,7 @@ def test_sample_and_score_match_a_forward_pass_on_each_unpadded_row(quick_toy_wo
         stop = answer.index(eos) + 1 if eos in answer else len(answer)
         assert rollout.answer_mask[b].tolist() == [t < stop for t in range(len(answer))]
         assert rollout.ended_with_eos[b].item() == (eos in answer)
-    assert rollout.ended_with_eos.any()  # the toy base does stop: the EOS path is exercised
+    assert rollout.ended_with_eos.any() and not rollout.ended_with_eos.all()  # stopped and cut-off rows
 
     rollout = score(model, rollout, temperature, micro_batch_size=3)  # 7 rows: micro-batches 3, 3, 1
     for b in range(len(prompt_ids)):
@@ -250,7 +253,7 @@ def test_sample_and_score_match_a_forward_pass_on_each_unpadded_row(quick_toy_wo
         torch.testing.assert_close(rollout.values[b, :n_answer], values, rtol=1e-4, atol=1e-5)
         assert torch.all(rollout.values[b, n_answer:] == 0)
         torch.testing.assert_close(rollout.rm_scores[b], rm_score, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(rollout.logprobs, rollout.ref_logprobs)  # the two roles really differ
+    assert (rollout.logprobs - rollout.ref_logprobs).abs().max() > 1e-2  # the two roles really differ
 
 
 def test_ptx_loss_is_the_mean_nll_of_the_pretraining_tokens(quick_toy_world):
@@ -296,7 +299,7 @@ def run_against_stub_reward(world, runs, out: Path, monkeypatch, token: int, sig
     cfg = ppo_config(world, runs, out, **{
         "iterations": iterations, "rollout.batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16,
         "ppo_epochs": 2, "rollout.max_new_tokens": 3, "rollout.no_eos_score": None, "kl.coef": 0.01,
-        "optim.lr": 1e-2})
+        "optim.lr": 3e-3})
     real_score = rlhf.ppo.loop.score
 
     def stub_score(model, rollout, temperature, micro_batch_size):
@@ -320,21 +323,15 @@ def run_against_stub_reward(world, runs, out: Path, monkeypatch, token: int, sig
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["rewarded", "penalised"])
 def test_ppo_moves_the_policy_toward_the_reward(quick_toy_world, fresh_runs, tmp_path, monkeypatch, sign):
     """Paid for starting its answer with ".", the policy says "." first far more often after 10
-    iterations; penalised for it, far less often. (Measured: 0.08 -> ~0.38 rewarded, -> ~0 penalised.)"""
-    token = quick_toy_world_token(quick_toy_world, ".")
+    iterations; penalised for it, far less often. Measured: 0.082 -> 0.380 rewarded (the ceiling is ~0.39:
+    the frozen final norm and unembedding of the 30-step toy base allow no more), 0.082 -> 0.005 penalised."""
+    [token] = load_tokenizer(str(quick_toy_world.model))(".", add_special_tokens=False)["input_ids"]
     before, after = run_against_stub_reward(quick_toy_world, fresh_runs, tmp_path, monkeypatch, token, sign)
     assert 0.02 < before < 0.3
     if sign > 0:
         assert after > before + 0.15, (before, after)
     else:
         assert after < before / 3, (before, after)
-
-
-def quick_toy_world_token(world, text: str) -> int:
-    from rlhf.models import load_tokenizer
-
-    [token] = load_tokenizer(str(world.model))(text, add_special_tokens=False)["input_ids"]
-    return token
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,12 +350,22 @@ PIPELINE_OVERRIDES = {
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     """`rlhf pipeline` with no data given: it writes the (quick) toy world itself, labels sampled answers,
-    trains SFT, RM, PPO and PPO-ptx for a few steps each and evaluates. -> (out_dir, result)"""
+    trains SFT, RM, PPO and PPO-ptx for a few steps each and evaluates.
+    -> (out_dir, result, judged: the evaluation's gold-judge calls, (prompt, answer, score) in call order)"""
     out = tmp_path_factory.mktemp("pipeline") / "run"
     cfg = load_config(PipelineConfig, overrides={"out_dir": str(out), **PIPELINE_OVERRIDES})
     cfg.toy = ToyConfig.quick()
     assert cfg.uses_toy() and cfg.rm_labels == "sampled" and cfg.ppo_variants == ["ppo", "ppo_ptx"]
-    return out, run_pipeline(cfg)
+    judged = []
+
+    def recording_judge(prompt: str, answer: str) -> float:
+        judged.append((prompt, answer, gold_score(prompt, answer)))
+        return judged[-1][2]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rlhf.eval, "_gold_judge", lambda kind: recording_judge if kind == "toy" else None)
+        result = run_pipeline(cfg)
+    return out, result, judged
 
 
 def check_eval_result(result: dict) -> None:
@@ -379,10 +386,23 @@ def check_eval_result(result: dict) -> None:
 
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_end_to_end_on_cpu(pipeline_run):
-    out, result = pipeline_run
+    out, result, judged = pipeline_run
     saved = json.loads((out / "eval.json").read_text())
     assert saved == json.loads(json.dumps(result))
     check_eval_result(saved)
+    # gold score and win rate from the judge's own verdicts: every policy answered the same prompts
+    n = saved["n_prompts"]
+    assert len(judged) == 3 * n
+    verdicts = {name: judged[i * n:(i + 1) * n] for i, name in enumerate(("sft", "ppo", "ppo_ptx"))}
+    for name, rows in verdicts.items():
+        assert [prompt for prompt, _, _ in rows] == [prompt for prompt, _, _ in verdicts["sft"]]
+        row = saved["policies"][name]
+        assert row["gold_score"] == pytest.approx(sum(s for _, _, s in rows) / n)
+        assert [e["answer"] for e in row["examples"]] == [answer for _, answer, _ in rows[:5]]
+        if name != "sft":
+            wins = [1.0 if s > s_sft else 0.5 if s == s_sft else 0.0
+                    for (_, _, s), (_, _, s_sft) in zip(rows, verdicts["sft"])]
+            assert saved["win_rate_vs_sft"][name] == pytest.approx(sum(wins) / n)
     for stage in ("sft", "rm", "ppo", "ppo_ptx"):
         assert (out / stage / "DONE").is_file(), stage
     assert (out / "toy" / "model" / "config.json").is_file()
@@ -405,7 +425,7 @@ def test_pipeline_runs_every_stage_end_to_end_on_cpu(pipeline_run):
 
 @pytest.mark.slow
 def test_eval_cli_on_the_saved_adapters_reproduces_the_table(pipeline_run, tmp_path):
-    out, result = pipeline_run
+    out, result, _ = pipeline_run
     world = write_toy_world(out / "toy", ToyConfig.quick())  # already written: returns its paths
     eval_out = tmp_path / "eval"
     args = ["eval", "--model", str(world.model), "--data", str(world.prompts), "--pretrain", str(world.pretrain),
@@ -419,11 +439,12 @@ def test_eval_cli_on_the_saved_adapters_reproduces_the_table(pipeline_run, tmp_p
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    lines = proc.stdout.strip().splitlines()
+    lines = proc.stdout.strip().splitlines()  # the table is the last thing printed
+    assert len(lines) >= 5, proc.stdout
     header = lines[-5].split()
-    assert header[0] == "policy" and set(EVAL_METRICS) | {"win_rate_vs_sft"} <= set(header)
-    assert [line.split()[0] for line in lines[-4:-1]] == ["sft", "ppo", "ppo_ptx"]
-    assert lines[-1] == "held-out prompts: 16 (users not seen in training)"
+    assert header[0] == "policy" and set(EVAL_METRICS) | {"win_rate_vs_sft"} <= set(header), proc.stdout
+    assert [line.split()[0] for line in lines[-4:-1]] == ["sft", "ppo", "ppo_ptx"], proc.stdout
+    assert lines[-1] == "held-out prompts: 16 (users not seen in training)", proc.stdout
 
     saved = json.loads((eval_out / "eval.json").read_text())
     check_eval_result(saved)
