@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from rlhf.config import read_yaml, save_config, to_dict
 from rlhf.errors import ConfigError
 
 log = logging.getLogger("rlhf.checkpoint")
@@ -26,6 +27,11 @@ log = logging.getLogger("rlhf.checkpoint")
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
+CONFIG = "config.yaml"
+# fields that may change between a run and its resumption: bookkeeping, and the memory knobs a
+# user lowers to get past an out-of-memory (the same update, summed in another order)
+RESUME_FREE_FIELDS = {"resume", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
+                      "micro_batch_size", "gradient_checkpointing", "auto_halve_micro_batch"}
 
 
 def _fsync_tree(root: Path) -> None:
@@ -65,8 +71,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None],
-                    keep_last: int = 2) -> Path:
-    """Call `write(tmp_dir)` to fill a checkpoint, then publish it atomically as `step-<step>`."""
+                    keep_last: int = 2, config: Any = None) -> Path:
+    """Call `write(tmp_dir)` to fill a checkpoint, then publish it atomically as `step-<step>`.
+
+    `config` (the run's resolved config dataclass) is saved beside the state, so a resumption can
+    check that it continues the same run (`resolve_resume`)."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-write
@@ -74,6 +83,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path
     tmp = root / f".tmp-step-{step:08d}"
     tmp.mkdir()
     write(tmp)
+    if config is not None:
+        save_config(config, tmp / CONFIG)
     (tmp / MARKER).write_text(json.dumps({"step": step}), encoding="utf-8")
     _fsync_tree(tmp)
     final = root / f"step-{step:08d}"
@@ -120,16 +131,48 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
-def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
-    """`resume`: "" (start fresh), "auto" (newest complete checkpoint if any) or a checkpoint path."""
+def resolve_resume(run_dir: str | os.PathLike, resume: str, config: Any = None) -> Path | None:
+    """`resume`: "" (start fresh), "auto" (newest complete checkpoint if any) or a checkpoint path.
+
+    With `config`, a checkpoint saved under a different config is refused: the resumed run would
+    silently be a different run (another schedule, data order or loss) while claiming to continue it.
+    """
     if not resume:
         return None
     if resume == "auto":
         found = latest_checkpoint(run_dir)
         if found is None:
             log.info("resume=auto: no complete checkpoint in %s, starting fresh", run_dir)
-        return found
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise ConfigError(f"resume: '{resume}' is not a complete checkpoint directory (no {MARKER} marker)")
+            return None
+        path = found
+    else:
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise ConfigError(f"resume: '{resume}' is not a complete checkpoint directory (no {MARKER} marker)")
+    if config is not None:
+        check_same_config(path, config)
     return path
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def check_same_config(checkpoint: Path, config: Any) -> None:
+    """Raise ConfigError naming every field whose value differs from the one `checkpoint` was saved with."""
+    saved_file = checkpoint / CONFIG
+    if not saved_file.is_file():
+        log.warning("%s has no %s: cannot check that the resumed run uses the same config", checkpoint, CONFIG)
+        return
+    saved, current = _flatten(read_yaml(saved_file)), _flatten(to_dict(config))
+    changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+               if key.split(".")[-1] not in RESUME_FREE_FIELDS and saved.get(key) != current.get(key)]
+    if changed:
+        raise ConfigError(f"resume: the config differs from the one {checkpoint} was saved with ("
+                          + "; ".join(changed) + "). Resume with the same values, or start a fresh run "
+                          "(another --out, or --resume '')")

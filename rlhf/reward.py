@@ -198,9 +198,9 @@ def train(cfg: RMConfig) -> Path:
     cfg.check_inputs()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume_from = resolve_resume(out, cfg.resume, cfg)  # before config.yaml is replaced
     save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg.device)
-    resume_from = resolve_resume(out, cfg.resume)
     set_seed(cfg.seed)
 
     records = load_records(cfg.data.path, "rankings", skip_invalid=cfg.data.skip_invalid)
@@ -244,7 +244,7 @@ def train(cfg: RMConfig) -> Path:
             save_trainer_state(directory, {"step": step, "optimizer": optimizer.state_dict(),
                                            "scheduler": scheduler.state_dict(), "guard": guard.state_dict(),
                                            "running": running.tolist(), "rng": rng_state()})
-        save_checkpoint(out, step, write, keep_last=cfg.keep_last)
+        save_checkpoint(out, step, write, keep_last=cfg.keep_last, config=cfg)
 
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
     for step in bar:

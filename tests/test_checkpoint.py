@@ -88,3 +88,24 @@ def test_metrics_append_truncate_on_resume_and_plot(tmp_path):
     other.close(plot=False)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["stage"] for x in lines] == ["sft"] * 4 + ["rm"]
+
+
+def test_resume_refuses_a_checkpoint_saved_under_another_config(tmp_path, caplog):
+    from rlhf.sft import SFTConfig
+
+    saved = SFTConfig(out_dir=str(tmp_path), epochs=16)
+    save_checkpoint(tmp_path, 5, _write({"step": 5}), config=saved)
+    assert (latest_checkpoint(tmp_path) / "config.yaml").is_file()
+    same = SFTConfig(out_dir=str(tmp_path), epochs=16, resume="auto")
+    assert resolve_resume(tmp_path, "auto", same).name == "step-00000005"
+    # memory knobs and bookkeeping may change: the same update, in smaller pieces
+    lighter = SFTConfig(out_dir=str(tmp_path / "moved"), epochs=16, micro_batch_size=8, log_every=1, device="cpu")
+    assert resolve_resume(tmp_path, "auto", lighter) is not None
+    changed = SFTConfig(out_dir=str(tmp_path), epochs=20)
+    changed.optim.lr = 1e-4
+    with pytest.raises(ConfigError, match=r"epochs: 16 -> 20; optim.lr: 0.002 -> 0.0001\). Resume with the same"):
+        resolve_resume(tmp_path, "auto", changed)
+    # a checkpoint without a config (written before configs were saved) resumes with a warning
+    save_checkpoint(tmp_path / "old", 1, _write({"step": 1}))
+    assert resolve_resume(tmp_path / "old", "auto", changed) is not None
+    assert "cannot check that the resumed run uses the same config" in caplog.text

@@ -124,9 +124,9 @@ def train(cfg: PPOConfig) -> Path:
     cfg.check_inputs()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume_from = resolve_resume(out, cfg.resume, cfg)  # before config.yaml is replaced
     save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg.device)
-    resume_from = resolve_resume(out, cfg.resume)
     set_seed(cfg.seed)
 
     prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
@@ -168,7 +168,7 @@ def train(cfg: PPOConfig) -> Path:
                 "kl_controller": kl_ctl.state_dict(), "guard": guard.state_dict(),
                 "generator": generator.get_state(), "rng": rng_state(),
                 "ptx_position": ptx_batches.position if ptx_batches else 0})
-        save_checkpoint(out, iteration, write, keep_last=cfg.keep_last)
+        save_checkpoint(out, iteration, write, keep_last=cfg.keep_last, config=cfg)
 
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
     for iteration in bar:
