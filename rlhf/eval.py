@@ -3,10 +3,13 @@
 For each policy (the SFT adapter first, then each PPO run's policy):
 - rm_score: mean RM score of its sampled answers (the proxy it was optimised for);
 - gold_score: mean score by the gold labeller (the toy world's judge), when one exists;
-- win_rate_vs_sft: fraction of prompts where the gold labeller prefers its answer to SFT's (ties 1/2);
+- win_rate_vs_sft: fraction of (prompt, sample) pairs where the gold labeller prefers its answer to
+  SFT's answer drawn with the same seed (ties 1/2);
 - kl_to_sft: mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on its own samples (k1, nats);
 - pretrain_loss: mean next-token NLL on held-out pretraining text (the "alignment tax" ptx protects).
-Answers are sampled at `temperature` with a fixed seed, the same prompts for every policy.
+Answers are sampled at `temperature` with a fixed seed, the same prompts for every policy, and
+`answers_per_prompt` of them per prompt: one sample per prompt leaves a few points of sampling noise
+on ~100 prompts, larger than the effects being measured on the toy world.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class EvalConfig:
     gold: str = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
     max_new_tokens: int = 16
     temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
+    answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
     batch_size: int = 64
     seed: int = 1234  # ours: the same sampling noise for every policy
     device: str = "auto"
@@ -67,6 +71,8 @@ class EvalConfig:
     def validate(self) -> None:
         if self.gold not in ("toy", "none"):
             raise ConfigError(f"gold must be 'toy' or 'none', got {self.gold!r}")
+        if self.answers_per_prompt < 1:
+            raise ConfigError(f"answers_per_prompt must be >= 1, got {self.answers_per_prompt}")
 
     def check_inputs(self) -> None:
         """The runs and files evaluation reads exist (before any model loads)."""
@@ -147,7 +153,8 @@ def format_table(result: dict) -> str:
             value = row.get(c)
             cells.append(f"{'-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.4f}':>17}")
         lines.append(f"{name:<10}" + "".join(cells))
-    lines.append(f"held-out prompts: {result['n_prompts']} (users not seen in training)")
+    lines.append(f"held-out prompts: {result['n_prompts']} (users not seen in training), "
+                 f"{result.get('answers_per_prompt', 1)} sampled answers each")
     return "\n".join(lines)
 
 
@@ -169,6 +176,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length)
     if not prompts:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no held-out prompts to evaluate")
+    samples = prompts * cfg.answers_per_prompt  # sample i of every policy shares its prompt and seed stream
     chunks = []
     if cfg.data.pretrain:
         texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
@@ -182,11 +190,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         role = "reference" if name == "sft" else name
         if name != "sft":
             model.add_role(role, adapter_dir=adapter_dir(run, "policy"))
-        sampled = _answers_and_scores(model, role, prompts, cfg)
+        sampled = _answers_and_scores(model, role, samples, cfg)
         row = {"rm_score": sampled["rm_scores"].mean().item(), "kl_to_sft": sampled["kl"].mean().item(),
                "answer_length": sampled["lengths"].mean().item()}
         if judge is not None:
-            gold[name] = [judge(p["prompt"], a) for p, a in zip(prompts, sampled["answers"])]
+            gold[name] = [judge(p["prompt"], a) for p, a in zip(samples, sampled["answers"])]
             row["gold_score"] = sum(gold[name]) / len(gold[name])
         row["pretrain_loss"] = pretrain_loss(model, role, chunks, cfg.batch_size) if chunks else None
         row["examples"] = [{"prompt": p["prompt"], "answer": a} for p, a in zip(prompts[:5], sampled["answers"][:5])]
@@ -196,7 +204,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if judge is not None and name != "sft":
             wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold[name], gold["sft"])]
             row["win_rate_vs_sft"] = sum(wins) / len(wins)
-    result = {"policies": results, "n_prompts": len(prompts),
+    result = {"policies": results, "n_prompts": len(prompts), "answers_per_prompt": cfg.answers_per_prompt,
               "win_rate_vs_sft": {n: r["win_rate_vs_sft"] for n, r in results.items() if "win_rate_vs_sft" in r}}
     tmp = out / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")

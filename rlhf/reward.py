@@ -34,7 +34,7 @@ from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.stage_dirs import adapter_dir, mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
-                           cosine_schedule, is_oom, oom_error, resolve_device, set_seed)
+                           MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
 
 log = logging.getLogger("rlhf.reward")
 
@@ -95,6 +95,7 @@ class RMConfig:
     keep_last: int = 2
     resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
     max_nonfinite_in_a_row: int = 3
+    auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -246,27 +247,28 @@ def train(cfg: RMConfig) -> Path:
                                            "running": running.tolist(), "rng": rng_state()})
         save_checkpoint(out, step, write, keep_last=cfg.keep_last, config=cfg)
 
+    halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "reward-model training",
+                              ["micro_batch_size", "data.max_length"])
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
     for step in bar:
         rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
         optimizer.zero_grad(set_to_none=True)
-        accumulation = math.ceil(len(rows) / cfg.micro_batch_size)
-        loss_sum = torch.zeros((), device=device)
-        acc_sum = torch.zeros((), device=device)
-        try:
-            for i in range(0, len(rows), cfg.micro_batch_size):
-                batch = _to(collate_rankings([train_examples[r] for r in rows[i:i + cfg.micro_batch_size]], pad_id),
-                            device)
+
+        def forward_backward(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+            accumulation = math.ceil(len(rows) / micro)
+            loss_sum = torch.zeros((), device=device)
+            acc_sum = torch.zeros((), device=device)
+            for i in range(0, len(rows), micro):
+                batch = _to(collate_rankings([train_examples[r] for r in rows[i:i + micro]], pad_id), device)
                 with autocast(device, cfg.precision):
                     loss, accuracy, _ = ranking_batch_loss(model, batch, cfg.margin, cfg.center_coef)
                     loss = loss / accumulation
                 loss.backward()
                 loss_sum += loss.detach().float()
                 acc_sum += accuracy.detach() / accumulation
-        except RuntimeError as err:
-            if is_oom(err):
-                raise oom_error("reward-model training", ["micro_batch_size", "data.max_length"]) from err
-            raise
+            return loss_sum, acc_sum
+
+        loss_sum, acc_sum = halver.run(forward_backward, optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         try:
             if guard.ok(loss_sum, grad_norm, step, f"rankings {[train_examples[r]['source'] for r in rows[:4]]}..."):

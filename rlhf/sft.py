@@ -26,7 +26,7 @@ from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.stage_dirs import mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
-                           cosine_schedule, is_oom, oom_error, resolve_device, set_seed)
+                           MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
 
 log = logging.getLogger("rlhf.sft")
 
@@ -62,6 +62,7 @@ class SFTConfig:
     keep_last: int = 2  # ours
     resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
     max_nonfinite_in_a_row: int = 3  # ours
+    auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast on CUDA; fp32 on CPU
@@ -162,26 +163,28 @@ def train(cfg: SFTConfig) -> Path:
                                            "running_loss": running.item(), "rng": rng_state()})
         save_checkpoint(out, step, write, keep_last=cfg.keep_last, config=cfg)
 
+    halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "SFT training",
+                              ["micro_batch_size", "data.max_length"])
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", unit="step")
     for step in bar:
         # each step's rows depend only on (seed, step): a resumed run sees the same batches
         rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
         optimizer.zero_grad(set_to_none=True)
-        micro_batches = [_batch(train_examples, rows[i:i + cfg.micro_batch_size], pad_id, device)
-                         for i in range(0, len(rows), cfg.micro_batch_size)]
-        total_tokens = sum((mb["labels"] != -100).sum() for mb in micro_batches).clamp(min=1)
-        loss_sum = torch.zeros((), device=device)
-        try:
+
+        def forward_backward(micro: int) -> torch.Tensor:
+            micro_batches = [_batch(train_examples, rows[i:i + micro], pad_id, device)
+                             for i in range(0, len(rows), micro)]
+            total_tokens = sum((mb["labels"] != -100).sum() for mb in micro_batches).clamp(min=1)
+            loss_sum = torch.zeros((), device=device)
             for mb in micro_batches:
                 with autocast(device, cfg.precision):
                     nll, _ = answer_nll_sum(model, mb)
                     loss = nll / total_tokens  # token mean over the whole batch, not per micro-batch
                 loss.backward()
                 loss_sum += loss.detach().float()
-        except RuntimeError as err:
-            if is_oom(err):
-                raise oom_error("SFT training", ["micro_batch_size", "data.max_length"]) from err
-            raise
+            return loss_sum
+
+        loss_sum = halver.run(forward_backward, optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         try:
             if guard.ok(loss_sum, grad_norm, step, f"rows {[train_examples[i]['source'] for i in rows[:4]]}..."):

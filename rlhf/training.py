@@ -141,3 +141,30 @@ def oom_error(where: str, settings: list[str], can_halve: bool = False) -> RLHFE
     """The error for an out-of-memory in `where`, naming the settings that lower its memory."""
     hint = " (or set auto_halve_micro_batch=true to halve the micro-batch and go on)" if can_halve else ""
     return RLHFError(f"out of memory during {where}; lower one of: {', '.join(settings)}{hint}")
+
+
+class MicroBatchHalver:
+    """Runs one optimiser step's micro-batches; on out-of-memory, halves the micro-batch and retries
+    the whole step when `enabled` (the same rows, so the same update in smaller pieces), else raises
+    the error that names `settings`. The halved size is kept for the rest of the run."""
+
+    def __init__(self, micro_batch_size: int, enabled: bool, where: str, settings: list[str]):
+        self.micro_batch_size = micro_batch_size
+        self.enabled, self.where, self.settings = enabled, where, settings
+
+    def run(self, step_fn, optimizer: torch.optim.Optimizer):
+        """`step_fn(micro_batch_size)` does the forwards and backwards of one step; returns its result."""
+        while True:
+            try:
+                return step_fn(self.micro_batch_size)
+            except RuntimeError as err:
+                if not is_oom(err):
+                    raise
+                if not self.enabled or self.micro_batch_size == 1:
+                    raise oom_error(self.where, self.settings, can_halve=not self.enabled) from err
+                optimizer.zero_grad(set_to_none=True)  # drop the failed attempt's partial gradients
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.micro_batch_size //= 2
+                log.warning("out of memory during %s; micro_batch_size halved to %d", self.where,
+                            self.micro_batch_size)

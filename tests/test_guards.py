@@ -3,7 +3,7 @@
 A non-finite loss skips the optimiser step (the weights stay bitwise those of the step before), is
 counted in `skipped_steps` and logged with the batch's identity; `max_nonfinite_in_a_row` of them
 stop the run with NonFiniteError and a checkpoint of the last good weights. An OOM names the
-settings to lower; PPO with `auto_halve_micro_batch` halves the micro-batch and goes on.
+settings to lower; with `auto_halve_micro_batch` every stage halves the micro-batch and goes on.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_sft_oom_names_the_settings_to_lower(quick_toy_world, tmp_path, monkeypa
 
     monkeypatch.setattr(rlhf.sft, "answer_nll_sum", oom)
     with pytest.raises(RLHFError, match=r"out of memory during SFT training; lower one of: micro_batch_size, "
-                                        r"data.max_length$"):
+                                        r"data.max_length \(or set auto_halve_micro_batch=true"):
         train_sft(sft_config(quick_toy_world, tmp_path / "sft"))
 
 
@@ -118,8 +118,30 @@ def test_rm_oom_names_the_settings_to_lower(quick_toy_world, tmp_path, monkeypat
         "model.path": str(quick_toy_world.model), "model.quantization": "none", "device": "cpu",
         "data.path": str(quick_toy_world.rankings), "out_dir": str(tmp_path / "rm")})
     with pytest.raises(RLHFError, match=r"out of memory during reward-model training; lower one of: "
-                                        r"micro_batch_size, data.max_length$"):
+                                        r"micro_batch_size, data.max_length \(or set auto_halve_micro_batch=true"):
         train_rm(cfg)
+
+
+def test_sft_auto_halve_goes_on_with_the_same_update(quick_toy_world, tmp_path, monkeypatch, caplog):
+    """An OOM on micro-batches above 4 rows: the step is redone at 8, then 4 rows, and the run ends with
+    the weights of a run that used 4-row micro-batches from the start (the same rows, the same sums)."""
+    original = rlhf.sft.answer_nll_sum
+
+    def oom_above_4_rows(model, batch):
+        if torch.is_grad_enabled() and batch["input_ids"].shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+        return original(model, batch)
+
+    reference = train_sft(sft_config(quick_toy_world, tmp_path / "micro4", micro_batch_size=4, checkpoint_every=100))
+    monkeypatch.setattr(rlhf.sft, "answer_nll_sum", oom_above_4_rows)
+    with caplog.at_level(logging.WARNING, logger="rlhf.training"):
+        halved = train_sft(sft_config(quick_toy_world, tmp_path / "halved", auto_halve_micro_batch=True,
+                                      checkpoint_every=100))
+    assert [r.getMessage() for r in caplog.records if "halved" in r.getMessage()] == [
+        "out of memory during SFT training; micro_batch_size halved to 8",
+        "out of memory during SFT training; micro_batch_size halved to 4"]
+    load = lambda run: load_file(run / "policy" / "adapter_model.safetensors")  # noqa: E731
+    assert same(load(halved), load(reference))
 
 
 # ------------------------------------------------------------------------------------------------

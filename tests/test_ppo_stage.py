@@ -343,7 +343,7 @@ PIPELINE_OVERRIDES = {
     "rm.batch_size": 8, "rm.micro_batch_size": 8, "rm.eval_every": 1000,
     "ppo.iterations": 2, "ppo.rollout.batch_size": 8, "ppo.mini_batch_size": 8, "ppo.micro_batch_size": 8,
     "ppo.ppo_epochs": 1, "ppo.rollout.max_new_tokens": 8, "ppo.ptx_batch_size": 4,
-    "eval.data.max_prompts": 16, "eval.data.max_pretrain_chunks": 16,
+    "eval.data.max_prompts": 16, "eval.data.max_pretrain_chunks": 16, "eval.answers_per_prompt": 2,
 }
 
 
@@ -370,7 +370,7 @@ def pipeline_run(tmp_path_factory):
 
 def check_eval_result(result: dict) -> None:
     assert list(result["policies"]) == ["sft", "ppo", "ppo_ptx"]
-    assert result["n_prompts"] == 16
+    assert result["n_prompts"] == 16 and result["answers_per_prompt"] == 2
     for name, row in result["policies"].items():
         for key in EVAL_METRICS:
             assert isinstance(row[key], float) and math.isfinite(row[key]), (name, key, row[key])
@@ -391,8 +391,10 @@ def test_pipeline_runs_every_stage_end_to_end_on_cpu(pipeline_run):
     assert saved == json.loads(json.dumps(result))
     check_eval_result(saved)
     # gold score and win rate from the judge's own verdicts: every policy answered the same prompts
-    n = saved["n_prompts"]
+    n = saved["n_prompts"] * saved["answers_per_prompt"]
     assert len(judged) == 3 * n
+    prompts = [prompt for prompt, _, _ in judged[:saved["n_prompts"]]]
+    assert [prompt for prompt, _, _ in judged[:n]] == prompts * 2  # every prompt answered twice
     verdicts = {name: judged[i * n:(i + 1) * n] for i, name in enumerate(("sft", "ppo", "ppo_ptx"))}
     for name, rows in verdicts.items():
         assert [prompt for prompt, _, _ in rows] == [prompt for prompt, _, _ in verdicts["sft"]]
@@ -432,7 +434,7 @@ def test_eval_cli_on_the_saved_adapters_reproduces_the_table(pipeline_run, tmp_p
             "--sft", str(out / "sft"), "--rm", str(out / "rm"),
             "--policies", f"{{ppo: '{out / 'ppo'}', ppo_ptx: '{out / 'ppo_ptx'}'}}", "--gold", "toy",
             "--out", str(eval_out), "--model.quantization", "none", "--device", "cpu", "--max_new_tokens", "8",
-            "--data.max_prompts", "16", "--data.max_pretrain_chunks", "16"]
+            "--data.max_prompts", "16", "--data.max_pretrain_chunks", "16", "--answers_per_prompt", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RLHF_KERNELS_BACKEND="torch",
                TQDM_DISABLE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "rlhf", *args], env=env, cwd=ROOT, capture_output=True,
@@ -444,7 +446,7 @@ def test_eval_cli_on_the_saved_adapters_reproduces_the_table(pipeline_run, tmp_p
     header = lines[-5].split()
     assert header[0] == "policy" and set(EVAL_METRICS) | {"win_rate_vs_sft"} <= set(header), proc.stdout
     assert [line.split()[0] for line in lines[-4:-1]] == ["sft", "ppo", "ppo_ptx"], proc.stdout
-    assert lines[-1] == "held-out prompts: 16 (users not seen in training)", proc.stdout
+    assert lines[-1] == "held-out prompts: 16 (users not seen in training), 2 sampled answers each", proc.stdout
 
     saved = json.loads((eval_out / "eval.json").read_text())
     check_eval_result(saved)
