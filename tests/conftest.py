@@ -144,6 +144,18 @@ def data_tokenizer(make_data_tokenizer):
     return make_data_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and the shared CI cores lose a lot to oversubscription.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # The toy world, small: ToyConfig.quick() (a few hundred records, a 30-step pretrained hidden-64
 # Llama), written once per session. Any test that needs the toy data files or a real local model

@@ -33,13 +33,7 @@ from rlhf.training import NonFiniteError
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and the shared CI cores lose a lot to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def adapter(run_dir: Path, step: int, role: str = "policy") -> dict[str, torch.Tensor]:

@@ -46,13 +46,7 @@ CPU = torch.device("cpu")
 EVAL_METRICS = ("rm_score", "gold_score", "kl_to_sft", "pretrain_loss", "answer_length")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and the shared CI cores lose a lot to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturb(model: RoleModel, role: str, seed: int, scale: float = 0.1) -> None:

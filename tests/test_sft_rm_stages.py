@@ -45,13 +45,7 @@ MIN_VAL_LOSS_DROP = 0.4
 MIN_RM_ACCURACY = 0.65  # chance is 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and the shared CI cores lose a lot to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sft_config(world, out: Path, **overrides) -> SFTConfig:

@@ -93,9 +93,9 @@ class PPOConfig:
     vf_coef: float = 0.1  # TRL default; InstructGPT does not state its value-loss weight
     ptx_coef: float = 0.0  # InstructGPT PPO-ptx gamma = 27.8; 0 = plain PPO
     ptx_batch_size: int = 8  # InstructGPT: about 8 pretraining examples per RL episode (per mini-batch here)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, min_lr_ratio=1.0))
     # lr ours (toy world, LoRA): at 2e-4 PPO over-optimised the RM within 30 iterations (gold score
-    # fell below SFT's); a constant rate (min_lr_ratio 1.0) as in lm-human-preferences; Adam eps 1e-5 (InstructGPT)
+    # fell below SFT's), 1e-4 gained little, 5e-5 the most at the lowest KL; a constant rate (min_lr_ratio 1.0) as in lm-human-preferences; Adam eps 1e-5 (InstructGPT)
     max_nonfinite_in_a_row: int = 3  # ours: a few bad batches are skipped; more means divergence
     auto_halve_micro_batch: bool = False  # ours: on CUDA OOM, halve micro_batch_size and retry
     checkpoint_every: int = 10  # ours: iterations between checkpoints
