@@ -554,3 +554,24 @@ def test_loaded_adapter_takes_this_runs_lora_dropout(tiny_model_dir, tmp_path):
     assert torch.equal(ppo.token_logprobs("policy", input_ids, attention_mask, labels).detach(), old_logprobs)
     sft_train = sft.token_logprobs("policy", input_ids, attention_mask, labels).detach()
     assert not torch.equal(sft_train, old_logprobs)  # the SFT run itself still trains with its dropout
+
+
+def test_fast_role_switch_matches_peft_set_adapter(tiny_model_dir):
+    # _activate flips the LoRA layers' flags directly instead of peft's set_adapter walk over every
+    # module: the same outputs and the same trainable flags, in any order of roles
+    model = make_model(tiny_model_dir("llama"))
+    for seed, role in enumerate(ROLES):
+        perturb(model, role, seed=seed)
+    assert model._lora_layers, "the fast switch should be in use with this peft"
+    input_ids, attention_mask = batch()
+    order = ["policy", "value", None, "reward", "policy", "reference", None, "value"]
+    flags_before = _flags(model)
+    with torch.no_grad():
+        fast = [model.hidden_states(role, input_ids, attention_mask) for role in order]
+        layers, model._lora_layers = model._lora_layers, []  # the public peft path
+        slow = [model.hidden_states(role, input_ids, attention_mask) for role in order]
+        model._lora_layers = layers
+    for role, a, b in zip(order, fast, slow):
+        assert torch.equal(a, b), role
+    assert not torch.equal(fast[0], fast[1]) and not torch.equal(fast[0], fast[2])
+    assert _flags(model) == flags_before
