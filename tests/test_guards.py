@@ -209,11 +209,12 @@ def test_ppo_auto_halve_micro_batch_goes_on(quick_toy_world, sft_rm, tmp_path, m
     reference = train_ppo(ppo_config(quick_toy_world, sft_rm, tmp_path / "reference", iterations=2,
                                      micro_batch_size=1))
     oom_above(monkeypatch, 1)
-    with caplog.at_level(logging.WARNING, logger="rlhf.ppo"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.training"):
         out = train_ppo(ppo_config(quick_toy_world, sft_rm, tmp_path / "halved", iterations=2,
                                    auto_halve_micro_batch=True))
     halvings = [r.getMessage() for r in caplog.records if "halved" in r.getMessage()]
-    assert halvings == ["out of memory; micro_batch_size halved to 2", "out of memory; micro_batch_size halved to 1"]
+    assert halvings == ["out of memory during PPO iteration; micro_batch_size halved to 2",
+                        "out of memory during PPO iteration; micro_batch_size halved to 1"]
     assert (out / "DONE").is_file()
     # the same mini-batches, accumulated in smaller pieces: the update matches a micro_batch_size=1 run
     for role in ("policy", "value"):

@@ -134,8 +134,7 @@ class RoleModel:
                 self._load_adapter_weights(name, adapter_dir)
             except ModelError:
                 self._peft_model.delete_adapter(name)  # leave no half-loaded adapter behind
-                self._switch(self._active)
-                self._refresh_lora_layers()
+                self._after_adapter_change()
                 raise
             if head_module is not None and (adapter_dir / HEAD_FILE).is_file():
                 load_head_weights(head_module, adapter_dir / HEAD_FILE)
@@ -333,10 +332,12 @@ class RoleModel:
         except ValueError as err:  # e.g. target modules absent from this architecture
             raise ModelError(f"cannot add LoRA adapter {name!r}: {err}") from None
         # get_peft_model activates its adapter and add_adapter may touch flags: restore our state
-        self._switch(self._active)
-        self._refresh_lora_layers()
+        self._after_adapter_change()
 
-    def _refresh_lora_layers(self) -> None:
+    def _after_adapter_change(self) -> None:
+        """Restore the active role and our trainable flags after peft added or deleted an adapter,
+        and collect the LoRA layers again (a new target module brings new ones)."""
+        self._switch(self._active)
         layers = [m for m in self._causal_lm.modules() if isinstance(m, BaseTunerLayer)]
         fast = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
         self._lora_layers = layers if fast else []  # another peft: its public (slower) switch

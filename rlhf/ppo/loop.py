@@ -30,8 +30,8 @@ from rlhf.ppo.rewards import score_penalties, shape_rewards
 from rlhf.ppo.rollout import Rollout, sample, score
 from rlhf.ppo.update import UpdateSettings, ppo_epochs
 from rlhf.stage_dirs import adapter_dir, mark_done
-from rlhf.training import (NonFiniteError, NonFiniteGuard, build_optimizer, cosine_schedule, is_oom, oom_error,
-                           resolve_device, set_seed)
+from rlhf.training import (MicroBatchHalver, NonFiniteError, NonFiniteGuard, build_optimizer, cosine_schedule,
+                           is_oom, oom_error, resolve_device, set_seed)
 from rlhf_kernels import gae, whiten
 
 log = logging.getLogger("rlhf.ppo")
@@ -42,6 +42,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     v, r = values[mask], returns[mask]
     var_r = r.var(unbiased=False) if r.numel() > 1 else torch.zeros((), device=r.device)
     return torch.where(var_r > 0, 1 - (r - v).var(unbiased=False) / var_r, torch.full_like(var_r, float("nan")))
+
+
+# what to lower when a PPO iteration runs out of memory (rollouts, scoring or the update)
+PPO_MEMORY_SETTINGS = ["micro_batch_size", "rollout.batch_size", "rollout.max_new_tokens", "data.max_prompt_length"]
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Trainer:
     generator: torch.Generator  # mini-batch shuffles
     ptx_batches: PretrainBatches | None
     settings: UpdateSettings
+    halver: MicroBatchHalver  # the micro-batch size of scoring and the update (halved on OOM if asked)
 
 
 @dataclass
@@ -74,7 +79,7 @@ def ppo_iteration(cfg: PPOConfig, model: RoleModel, trainer: Trainer, prompts: t
     rollout = sample(model, *prompts, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
     t_rollout = time.perf_counter()
     # 2. score: policy and reference log-probs, values, RM score (no gradient)
-    rollout = score(model, rollout, cfg.rollout.temperature, trainer.settings.micro_batch_size)
+    rollout = score(model, rollout, cfg.rollout.temperature, trainer.halver.micro_batch_size)
     # 3. rewards: -beta * kl_t on every answer token, the RM score at the last one
     scores = score_penalties(rollout.rm_scores, rollout.ended_with_eos, cfg.rollout.no_eos_score,
                              cfg.rollout.score_clip)  # [B]
@@ -88,7 +93,7 @@ def ppo_iteration(cfg: PPOConfig, model: RoleModel, trainer: Trainer, prompts: t
     # 5. PPO epochs over reshuffled mini-batches: clipped policy loss + clipped value loss (+ ptx)
     stats = ppo_epochs(model, rollout, trainer.optimizer, trainer.scheduler, trainer.params, trainer.settings,
                        trainer.generator, trainer.ptx_batches.next if trainer.ptx_batches else None,
-                       trainer.guard, iteration)
+                       trainer.guard, iteration, trainer.halver)
     timings = {"rollout_s": t_rollout - t0, "score_s": t_score - t_rollout,
                "update_s": time.perf_counter() - t_score}
     return IterationResult(rollout, scores, kl, stats, timings)
@@ -98,12 +103,13 @@ def build_trainer(cfg: PPOConfig, model: RoleModel, ptx_batches: PretrainBatches
     """One optimiser over the policy and value adapters (and the value head)."""
     params = model.parameters("policy") + model.parameters("value")
     optimizer = build_optimizer(params, cfg.optim)
-    settings = UpdateSettings(cfg.ppo_epochs, cfg.mini_batch_size, cfg.micro_batch_size, cfg.clip_eps,
+    settings = UpdateSettings(cfg.ppo_epochs, cfg.mini_batch_size, cfg.clip_eps,
                               cfg.value_clip_eps, cfg.vf_coef, cfg.ptx_coef, cfg.rollout.temperature,
-                              cfg.optim.max_grad_norm, cfg.precision, cfg.auto_halve_micro_batch)
+                              cfg.optim.max_grad_norm, cfg.precision)
+    halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "PPO iteration", PPO_MEMORY_SETTINGS)
     return Trainer(optimizer, cosine_schedule(optimizer, cfg.iterations, cfg.optim), params,
                    KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon), NonFiniteGuard(cfg.max_nonfinite_in_a_row),
-                   torch.Generator().manual_seed(cfg.seed), ptx_batches, settings)
+                   torch.Generator().manual_seed(cfg.seed), ptx_batches, settings, halver)
 
 
 def build_roles(cfg: PPOConfig, device: torch.device, resume_from: Path | None) -> RoleModel:
@@ -180,9 +186,7 @@ def train(cfg: PPOConfig) -> Path:
             raise
         except RuntimeError as err:
             if is_oom(err):
-                raise oom_error("PPO iteration", ["micro_batch_size", "rollout.batch_size",
-                                                  "rollout.max_new_tokens", "data.max_prompt_length"],
-                                can_halve=not cfg.auto_halve_micro_batch) from err
+                raise oom_error("PPO iteration", PPO_MEMORY_SETTINGS, can_halve=not cfg.auto_halve_micro_batch) from err
             raise
         rollout, scores, kl, stats = result.rollout, result.scores, result.kl, result.stats
         # 6. KL controller, log, checkpoint

@@ -15,23 +15,19 @@ Each epoch reshuffles the rollout into new mini-batches (MISSION; cleanrl `ppo.p
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from rlhf.ppo.rollout import Rollout, answer_hidden, answer_labels
-from rlhf.training import NonFiniteGuard, autocast, is_oom
+from rlhf.training import MicroBatchHalver, NonFiniteGuard, autocast
 from rlhf_kernels import fused_linear_ppo_loss, ppo_value_loss
-
-log = logging.getLogger("rlhf.ppo")
 
 
 @dataclass
 class UpdateSettings:
     ppo_epochs: int
     mini_batch_size: int
-    micro_batch_size: int
     clip_eps: float
     value_clip_eps: float
     vf_coef: float
@@ -39,7 +35,6 @@ class UpdateSettings:
     temperature: float
     max_grad_norm: float
     precision: str
-    auto_halve_micro_batch: bool = False
 
 
 def micro_batch_losses(model, mb: Rollout, s: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -65,16 +60,16 @@ def ptx_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -(logprobs * valid).sum() / valid.sum().clamp(min=1)
 
 
-def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer,
-                         s: UpdateSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Accumulate the gradient of one mini-batch over its micro-batches. -> (loss, stats)"""
+def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer, s: UpdateSettings,
+                         micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Accumulate the gradient of one mini-batch over micro-batches of `micro` rows. -> (loss, stats)"""
     optimizer.zero_grad(set_to_none=True)
     device = rollout.sequences.device
-    accumulation = len(mini) // s.micro_batch_size
+    accumulation = len(mini) // micro
     step_stats: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=device)
-    for micro_start in range(0, len(mini), s.micro_batch_size):
-        mb = rollout.select(mini[micro_start:micro_start + s.micro_batch_size])
+    for micro_start in range(0, len(mini), micro):
+        mb = rollout.select(mini[micro_start:micro_start + micro])
         with autocast(device, s.precision):
             pg_loss, v_loss, stats = micro_batch_losses(model, mb, s)
             loss = (pg_loss + s.vf_coef * v_loss) / accumulation
@@ -88,8 +83,10 @@ def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer,
 
 def ppo_epochs(model, rollout: Rollout, optimizer, scheduler, params: list[torch.nn.Parameter],
                s: UpdateSettings, generator: torch.Generator, next_ptx_batch, guard: NonFiniteGuard,
-               iteration: int) -> dict[str, torch.Tensor]:
-    """Run `s.ppo_epochs` passes over `rollout`; returns the mean of each statistic (tensors, no sync)."""
+               iteration: int, halver: MicroBatchHalver) -> dict[str, torch.Tensor]:
+    """Run `s.ppo_epochs` passes over `rollout`; returns the mean of each statistic (tensors, no sync).
+    Micro-batches have `halver.micro_batch_size` rows; an out-of-memory halves it (when enabled) and
+    redoes the mini-batch: the same rows, so the same update."""
     B = rollout.sequences.shape[0]
     device = rollout.sequences.device
     totals: dict[str, torch.Tensor] = {}
@@ -98,15 +95,8 @@ def ppo_epochs(model, rollout: Rollout, optimizer, scheduler, params: list[torch
         order = torch.randperm(B, generator=generator).to(device)  # a fresh shuffle every epoch
         for start in range(0, B, s.mini_batch_size):
             mini = order[start:start + s.mini_batch_size]
-            while True:
-                try:
-                    loss_sum, step_stats = _mini_batch_backward(model, rollout, mini, optimizer, s)
-                    break
-                except RuntimeError as err:
-                    if not (is_oom(err) and s.auto_halve_micro_batch and s.micro_batch_size > 1):
-                        raise
-                    s.micro_batch_size //= 2  # smaller forwards, same mini-batch: the update is unchanged
-                    log.warning("out of memory; micro_batch_size halved to %d", s.micro_batch_size)
+            loss_sum, step_stats = halver.run(
+                lambda micro: _mini_batch_backward(model, rollout, mini, optimizer, s, micro), optimizer)
             if s.ptx_coef > 0:
                 with autocast(device, s.precision):
                     lm_loss = ptx_loss(model, next_ptx_batch())
