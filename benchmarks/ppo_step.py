@@ -100,12 +100,12 @@ def run_ours(settings: dict) -> dict:
     model.add_role("policy", trainable=True)
     model.add_role("value", trainable=True, head="value")
     load_s = time.perf_counter() - t_load
-    generate = model.generate
+    sample = model.sample
 
-    def fixed_length_generate(role, input_ids, attention_mask, **kwargs):  # every answer exactly T tokens
-        return generate(role, input_ids, attention_mask, min_new_tokens=kwargs["max_new_tokens"], **kwargs)
+    def fixed_length_sample(role, input_ids, attention_mask, max_new_tokens, *args):  # every answer exactly T tokens
+        return sample(role, input_ids, attention_mask, max_new_tokens, *args, min_new_tokens=max_new_tokens)
 
-    model.generate = fixed_length_generate
+    model.sample = fixed_length_sample
     n_prompts = B * cfg.iterations
     prompts = PromptBatches([{"prompt": text, "source": f"bench:{i}", "user_id": None}
                              for i, text in enumerate(prompt_texts(n_prompts, P, vocab, seed=0))],
@@ -138,7 +138,7 @@ def run_ours(settings: dict) -> dict:
 
 
 PROFILE_LABELS = {  # function in its module's namespace -> the label its time is reported under
-    ("rlhf.ppo.loop", "sample"): "rollout: generate",
+    ("rlhf.ppo.loop", "sample"): "rollout: sample (KV cache)",
     ("rlhf.ppo.loop", "score"): "score: 4 roles' forwards (no grad)",
     ("rlhf.ppo.loop", "ppo_epochs"): "update: PPO epochs (all)",
     ("rlhf.ppo.update", "micro_batch_losses"): "update: policy+value forward and losses",

@@ -41,6 +41,7 @@ from rlhf.models.base import (
 )
 from rlhf.models.config import ModelConfig
 from rlhf.models.heads import HEAD_FILE, ScalarHead, load_head_weights, new_head, save_head
+from rlhf.models.sampling import sample_with_cache
 from rlhf_kernels import fused_linear_token_logprobs
 
 
@@ -284,8 +285,7 @@ class RoleModel:
         top_k 20, repetition_penalty 1.05), and the KL estimate would go negative (MISSION). Any
         `generate` argument overrides these (max_new_tokens, temperature, do_sample=False, ...).
         """
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate needs left-padded prompts: some rows end in padding")
+        _check_left_padded(attention_mask, "generate")
         self._activate(role)
         self._set_training(False)
         gen_kwargs.setdefault("do_sample", True)
@@ -297,6 +297,32 @@ class RoleModel:
         gen_kwargs.setdefault("use_cache", True)
         return self._causal_lm.generate(
             input_ids=input_ids, attention_mask=attention_mask.to(torch.long), **gen_kwargs
+        )  # [B, P + T]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        role: str | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        min_new_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Draw one answer per left-padded prompt from softmax(logits / temperature), [B, P + T].
+
+        The rollout's sampler: the same draws and output layout as `generate` with those arguments
+        (same seed, same tokens) through a lean KV-cache loop (`rlhf.models.sampling`), and nothing
+        from a shipped generation_config can reshape the distribution.
+        """
+        _check_left_padded(attention_mask, "sample")
+        self._activate(role)
+        self._set_training(False)
+        return sample_with_cache(
+            self._causal_lm, input_ids, attention_mask.to(torch.long), max_new_tokens,
+            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+            temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens,
         )  # [B, P + T]
 
     # ---- internals ----------------------------------------------------------------------------
@@ -419,6 +445,11 @@ class RoleModel:
         """torch.utils.checkpoint `context_fn`: run each layer's backward recompute with the role
         that was active during its forward."""
         return contextlib.nullcontext(), self.use(self._active)
+
+
+def _check_left_padded(attention_mask: torch.Tensor, what: str) -> None:
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError(f"{what} needs left-padded prompts: some rows end in padding")
 
 
 def last_true_index(mask: torch.Tensor) -> torch.Tensor:

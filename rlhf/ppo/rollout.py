@@ -50,8 +50,8 @@ class Rollout:
 def answer_mask_from(answers: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] sampled tokens -> (mask up to and including the first EOS [B, T], ended_with_eos [B]).
 
-    `generate` pads finished rows with pad_id. The mask ignores token identity before the first EOS (a
-    sampled pad token counts like any other): that is what `generate` attended to while sampling.
+    The sampler pads finished rows with pad_id. The mask ignores token identity before the first EOS (a
+    sampled pad token counts like any other): that is what the sampler attended to.
     """
     is_eos = answers == eos_id  # [B, T]
     # number of EOS strictly before each position: 0 means the answer has not stopped yet
@@ -65,11 +65,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
            temperature: float, top_p: float, role: str = "policy") -> Rollout:
     """Sample one answer per left-padded prompt with the KV cache; returns an unscored Rollout."""
     tokenizer = model.tokenizer
-    sequences = model.generate(
-        role, prompt_ids, prompt_mask,
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # top_k=0: no hidden truncation
-        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # [B, P + T'] with T' <= max_new_tokens
+    sequences = model.sample(role, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p)  # [B, P + T']
     prompt_len = prompt_ids.shape[1]
     answers = sequences[:, prompt_len:]  # [B, T]
     if answers.shape[1] == 0:  # every row stopped at once is impossible (EOS is a token), but be safe
