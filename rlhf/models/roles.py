@@ -9,6 +9,11 @@ Two peft behaviours this class works around:
 - `set_adapter` (and re-enabling adapters) makes the active adapter trainable and every other one
   frozen. PPO trains `policy` and `value` together while `reference` and `reward` stay frozen, so
   each role keeps its own `trainable` flag and the flags are re-applied after every switch.
+- peft can mix adapters within one batch (`adapter_names`) only at inference and through
+  list-indexed copies that cost more than they save. PPO's update runs the same rows through the
+  policy and the value roles; `hidden_states_of_roles` does that in one forward: the base part of
+  every projection runs once over both copies of the rows, and a forward hook on each LoRA layer
+  adds each role's low-rank update to its own slice of rows.
 - With gradient checkpointing the backward pass re-runs each layer's forward. If the role changed
   between forward and backward (policy forward, value forward, then one backward), the re-run would
   use the wrong adapter and give silently wrong gradients; the checkpoint's recompute context
@@ -91,9 +96,12 @@ class RoleModel:
         self._hidden_size = self._causal_lm.get_input_embeddings().weight.shape[1]
         self._peft_model: PeftModel | None = None  # built by the first add_role
         self._roles: dict[str, _Role] = {}
-        self._active: str | None = None  # None: no adapter in the forward (the bare base)
+        # None: no adapter in the forward (the bare base); a RowRoles: one role per slice of rows
+        self._active: str | None | RowRoles = None
         # the LoRA layers, for switching roles without peft's walk over every module (see _activate)
         self._lora_layers: list[BaseTunerLayer] = []
+        self._hooked_layers: set[int] = set()  # ids of the LoRA layers carrying _add_row_deltas
+        self._row_mixable: set[str] = set()  # adapters _add_row_deltas can apply (plain LoRA everywhere)
         self._training: bool | None = None  # the mode last set on the whole model (None: unknown)
         if cfg.gradient_checkpointing:
             self._causal_lm.activation_checkpointing_enable(
@@ -220,7 +228,29 @@ class RoleModel:
         Position ids count real tokens only, so a left-padded sequence gets the same positions as
         the unpadded one (as `generate` does); pad positions hold values no caller should read.
         """
-        self._activate(role)
+        return self._hidden_states(role, input_ids, attention_mask)
+
+    def hidden_states_of_roles(
+        self, roles: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """`[hidden_states(role, input_ids, attention_mask) for role in roles]` in one forward pass.
+
+        The rows are repeated once per role; every projection's base part runs once over all of them
+        and each role's LoRA update goes to its own copy. Same values and gradients as separate
+        forwards, one pass of per-layer overhead instead of len(roles). Roles whose adapter is not
+        plain LoRA everywhere (DoRA, variants) fall back to separate forwards.
+        """
+        for role in roles:
+            self._role(role)
+        if len(roles) < 2 or not all(role in self._row_mixable for role in roles):
+            return [self._hidden_states(role, input_ids, attention_mask) for role in roles]
+        n = input_ids.shape[0]
+        rows = RowRoles(tuple((role, i * n, (i + 1) * n) for i, role in enumerate(roles)))
+        hidden = self._hidden_states(rows, input_ids.repeat(len(roles), 1), attention_mask.repeat(len(roles), 1))
+        return list(hidden.split(n))  # len(roles) x [B, S, H]
+
+    def _hidden_states(self, active, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._activate(active)
         self._set_training(torch.is_grad_enabled())
         attention_mask = attention_mask.to(torch.long)  # [B, S]
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, S]
@@ -363,11 +393,37 @@ class RoleModel:
     def _after_adapter_change(self) -> None:
         """Restore the active role and our trainable flags after peft added or deleted an adapter,
         and collect the LoRA layers again (a new target module brings new ones)."""
-        self._switch(self._active)
+        self._switch(None if isinstance(self._active, RowRoles) else self._active)
         layers = [m for m in self._causal_lm.modules() if isinstance(m, BaseTunerLayer)]
         fast = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
         self._lora_layers = layers if fast else []  # another peft: its public (slower) switch
         self._training = None  # new LoRA modules (their dropout) start in train mode whatever the model's
+        for layer in self._lora_layers:
+            if id(layer) not in self._hooked_layers:
+                layer.register_forward_hook(self._add_row_deltas)
+                self._hooked_layers.add(id(layer))
+        adapters = set(self._peft_model.peft_config) if self._peft_model is not None else set()
+        self._row_mixable = {a for a in adapters if self._lora_layers and all(_plain_lora(m, a) for m in layers)}
+
+    def _add_row_deltas(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on every LoRA layer. In a RowRoles forward peft's own update is disabled (the
+        layer returns its base output) and this adds each role's B(A(dropout(x))) * scaling to its rows,
+        the arithmetic of peft's LoRA Linear; otherwise it leaves the output alone."""
+        rows = self._active
+        if not isinstance(rows, RowRoles):
+            return None
+        x = args[0]  # [rows, S, in]
+        convert = not torch.is_autocast_enabled()  # as peft: LoRA runs in its weights' dtype unless autocast
+        deltas = []
+        for role, start, stop in rows:
+            if role not in getattr(layer, "lora_A", {}):  # this adapter does not target this module
+                deltas.append(output.new_zeros((stop - start, *output.shape[1:])))
+                continue
+            lora_A, lora_B = layer.lora_A[role], layer.lora_B[role]
+            x_rows = x[start:stop].to(lora_A.weight.dtype) if convert else x[start:stop]
+            delta = lora_B(lora_A(layer.lora_dropout[role](x_rows))) * layer.scaling[role]
+            deltas.append(delta.to(output.dtype))
+        return output + torch.cat(deltas)
 
     def _load_adapter_weights(self, name: str, adapter_dir: Path) -> None:
         weights = load_peft_weights(str(adapter_dir), device=str(self.device))
@@ -403,11 +459,16 @@ class RoleModel:
             if role.head is not None:
                 role.head.requires_grad_(role.trainable)
 
-    def _activate(self, role: str | None) -> None:
-        if role is not None:
-            self._role(role)
+    def _activate(self, role: str | None | RowRoles) -> None:
         if role == self._active:
             return
+        if isinstance(role, RowRoles):
+            for layer in self._lora_layers:
+                layer._disable_adapters = True  # base output only: _add_row_deltas adds the roles' updates
+            self._active = role
+            return
+        if role is not None:
+            self._role(role)
         if not self._lora_layers:
             self._switch(role)
             return
@@ -445,6 +506,20 @@ class RoleModel:
         """torch.utils.checkpoint `context_fn`: run each layer's backward recompute with the role
         that was active during its forward."""
         return contextlib.nullcontext(), self.use(self._active)
+
+
+class RowRoles(tuple):
+    """((role, start, stop), ...): which role's adapter applies to which rows of one forward."""
+
+
+def _plain_lora(layer: nn.Module, adapter: str) -> bool:
+    """Whether `adapter` on this LoRA layer is output = base(x) + B(A(dropout(x))) * scaling (or absent),
+    the only form _add_row_deltas computes."""
+    if adapter in getattr(layer, "lora_embedding_A", {}):
+        return False  # an embedding's update, not a projection's
+    if adapter not in getattr(layer, "lora_A", {}):
+        return True  # not targeted here: the hook adds nothing for it
+    return not getattr(layer, "use_dora", {}).get(adapter, False) and adapter not in getattr(layer, "lora_variant", {})
 
 
 def _check_left_padded(attention_mask: torch.Tensor, what: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.ppo.rollout import Rollout, answer_hidden, answer_labels
+from rlhf.ppo.rollout import Rollout, answer_labels
 from rlhf.training import MicroBatchHalver, NonFiniteGuard, autocast
 from rlhf_kernels import fused_linear_ppo_loss, ppo_value_loss
 
@@ -39,13 +39,15 @@ class UpdateSettings:
 
 def micro_batch_losses(model, mb: Rollout, s: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """-> (pg_loss, v_loss, stats) for one micro-batch; both losses are token means over the answer mask."""
-    hidden = answer_hidden(model, "policy", mb)  # [b, T, H]
+    P, T = mb.prompt_len, mb.answer_mask.shape[1]
+    # policy and value over the same rows in one forward; positions P-1 .. S-2 predict the answer
+    policy_hidden, value_hidden = model.hidden_states_of_roles(("policy", "value"), mb.sequences, mb.attention_mask)
+    hidden = policy_hidden[:, P - 1:P + T - 1]  # [b, T, H]
     pg_loss, pg_stats = fused_linear_ppo_loss(
         hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, answer_labels(mb).reshape(-1),
         mb.logprobs.reshape(-1), mb.advantages.reshape(-1), mb.answer_mask.reshape(-1),
         bias=model.lm_head_bias, clip_eps=s.clip_eps, temperature=s.temperature)
-    P, T = mb.prompt_len, mb.answer_mask.shape[1]
-    values = model.values("value", mb.sequences, mb.attention_mask)[:, P - 1:P + T - 1]  # [b, T]
+    values = model.head("value")(value_hidden[:, P - 1:P + T - 1])  # [b, T]
     v_loss, v_stats = ppo_value_loss(values.float(), mb.values, mb.returns, mb.answer_mask,
                                      clip_eps=s.value_clip_eps)
     stats = {"clip_frac": pg_stats["clip_frac"], "approx_kl": pg_stats["approx_kl"],
