@@ -617,6 +617,7 @@ def test_roles_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, 
     for a, b in zip(together_grads, separate_grads):  # fp32 sums over other row groupings: ~1e-6 of the scale
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
     assert not torch.equal(together[0], together[1])
-    # afterwards a plain forward is back to one role for all rows
+    # afterwards a plain forward is back to one role for all rows, and no LoRA layer keeps a hook
     with torch.no_grad():
         assert torch.equal(model.hidden_states("policy", input_ids, attention_mask), separate[0])
+    assert not any(layer._forward_hooks for layer in model._lora_layers)

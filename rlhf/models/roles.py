@@ -100,7 +100,9 @@ class RoleModel:
         self._active: str | None | RowRoles = None
         # the LoRA layers, for switching roles without peft's walk over every module (see _activate)
         self._lora_layers: list[BaseTunerLayer] = []
-        self._hooked_layers: set[int] = set()  # ids of the LoRA layers carrying _add_row_deltas
+        # _add_row_deltas on every LoRA layer while a RowRoles forward is active, and only then: a module
+        # with a hook takes torch's slower call path, which would tax every other forward
+        self._row_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._row_mixable: set[str] = set()  # adapters _add_row_deltas can apply (plain LoRA everywhere)
         self._training: bool | None = None  # the mode last set on the whole model (None: unknown)
         if cfg.gradient_checkpointing:
@@ -398,10 +400,6 @@ class RoleModel:
         fast = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
         self._lora_layers = layers if fast else []  # another peft: its public (slower) switch
         self._training = None  # new LoRA modules (their dropout) start in train mode whatever the model's
-        for layer in self._lora_layers:
-            if id(layer) not in self._hooked_layers:
-                layer.register_forward_hook(self._add_row_deltas)
-                self._hooked_layers.add(id(layer))
         adapters = set(self._peft_model.peft_config) if self._peft_model is not None else set()
         self._row_mixable = {a for a in adapters if self._lora_layers and all(_plain_lora(m, a) for m in layers)}
 
@@ -465,8 +463,11 @@ class RoleModel:
         if isinstance(role, RowRoles):
             for layer in self._lora_layers:
                 layer._disable_adapters = True  # base output only: _add_row_deltas adds the roles' updates
+            if not self._row_hooks:
+                self._row_hooks = [layer.register_forward_hook(self._add_row_deltas) for layer in self._lora_layers]
             self._active = role
             return
+        self._remove_row_hooks()
         if role is not None:
             self._role(role)
         if not self._lora_layers:
@@ -490,8 +491,14 @@ class RoleModel:
             self._causal_lm.train(training)
             self._training = training
 
+    def _remove_row_hooks(self) -> None:
+        for handle in self._row_hooks:
+            handle.remove()
+        self._row_hooks = []
+
     def _switch(self, role: str | None) -> None:
         """Make `role` the adapter in the forward (None: disable them all), then restore our flags."""
+        self._remove_row_hooks()
         if self._peft_model is not None:
             tuner = self._peft_model.base_model
             if role is None:
