@@ -404,24 +404,28 @@ class RoleModel:
         self._row_mixable = {a for a in adapters if self._lora_layers and all(_plain_lora(m, a) for m in layers)}
 
     def _add_row_deltas(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """Forward hook on every LoRA layer. In a RowRoles forward peft's own update is disabled (the
-        layer returns its base output) and this adds each role's B(A(dropout(x))) * scaling to its rows,
-        the arithmetic of peft's LoRA Linear; otherwise it leaves the output alone."""
+        """Forward hook on every LoRA layer while a RowRoles forward is active. peft's own update is
+        disabled (the layer returns its base output) and this adds each role's B(A(dropout(x))) * scaling
+        to its rows, the arithmetic of peft's LoRA Linear."""
         rows = self._active
         if not isinstance(rows, RowRoles):
             return None
         x = args[0]  # [rows, S, in]
         convert = not torch.is_autocast_enabled()  # as peft: LoRA runs in its weights' dtype unless autocast
-        deltas = []
+        parts = []
         for role, start, stop in rows:
             if role not in getattr(layer, "lora_A", {}):  # this adapter does not target this module
-                deltas.append(output.new_zeros((stop - start, *output.shape[1:])))
+                parts.append(output[start:stop])
                 continue
             lora_A, lora_B = layer.lora_A[role], layer.lora_B[role]
             x_rows = x[start:stop].to(lora_A.weight.dtype) if convert else x[start:stop]
-            delta = lora_B(lora_A(layer.lora_dropout[role](x_rows))) * layer.scaling[role]
-            deltas.append(delta.to(output.dtype))
-        return output + torch.cat(deltas)
+            low_rank = lora_A(layer.lora_dropout[role](x_rows))  # [rows, S, r]
+            base = output[start:stop]  # [rows, S, out]
+            # base + scaling * low_rank @ B^T as one GEMM: no separate full-width multiply and add
+            part = torch.addmm(base.reshape(-1, base.shape[-1]).to(low_rank.dtype),
+                               low_rank.reshape(-1, low_rank.shape[-1]), lora_B.weight.t(), alpha=layer.scaling[role])
+            parts.append(part.view_as(base).to(output.dtype))
+        return torch.cat(parts)
 
     def _load_adapter_weights(self, name: str, adapter_dir: Path) -> None:
         weights = load_peft_weights(str(adapter_dir), device=str(self.device))
@@ -526,7 +530,9 @@ def _plain_lora(layer: nn.Module, adapter: str) -> bool:
         return False  # an embedding's update, not a projection's
     if adapter not in getattr(layer, "lora_A", {}):
         return True  # not targeted here: the hook adds nothing for it
-    return not getattr(layer, "use_dora", {}).get(adapter, False) and adapter not in getattr(layer, "lora_variant", {})
+    return (not getattr(layer, "use_dora", {}).get(adapter, False)
+            and adapter not in getattr(layer, "lora_variant", {})
+            and getattr(layer.lora_B[adapter], "bias", None) is None)
 
 
 def _check_left_padded(attention_mask: torch.Tensor, what: str) -> None:
