@@ -141,8 +141,8 @@ PROFILE_LABELS = {  # function in its module's namespace -> the label its time i
     ("rlhf.ppo.loop", "sample"): "rollout: sample (KV cache)",
     ("rlhf.ppo.loop", "score"): "score: 4 roles' forwards (no grad)",
     ("rlhf.ppo.loop", "ppo_epochs"): "update: PPO epochs (all)",
-    ("rlhf.ppo.update", "micro_batch_losses"): "update: policy+value forward and losses",
-    ("rlhf.ppo.update", "ptx_loss"): "update: ptx forward",
+    ("rlhf.ppo.update", "micro_batch_losses"): "update: one forward (policy, value, ptx rows) + losses",
+    ("rlhf.ppo.update", "ptx_nll_sum"): "update: - of which ptx LM head + NLL",
     ("torch.Tensor", "backward"): "update: backward (PPO + ptx)",
     ("torch.nn.utils", "clip_grad_norm_"): "update: clip_grad_norm_",
 }

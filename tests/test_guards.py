@@ -189,10 +189,10 @@ def oom_above(monkeypatch, rows: int) -> None:
     """micro_batch_losses runs out of memory on micro-batches of more than `rows` rows."""
     original = rlhf.ppo.update.micro_batch_losses
 
-    def maybe_oom(model, mb, s):
+    def maybe_oom(model, mb, s, ptx=None):
         if mb.sequences.shape[0] > rows:
             raise torch.cuda.OutOfMemoryError(CUDA_OOM)
-        return original(model, mb, s)
+        return original(model, mb, s, ptx)
 
     monkeypatch.setattr(rlhf.ppo.update, "micro_batch_losses", maybe_oom)
 

@@ -578,10 +578,10 @@ def test_fast_role_switch_matches_peft_set_adapter(tiny_model_dir):
 
 
 @pytest.mark.parametrize("quantization, checkpointing", [("none", False), ("nf4", False), ("none", True)])
-def test_roles_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, quantization, checkpointing):
-    # hidden_states_of_roles: the same rows through several roles in one pass (PPO's policy + value).
-    # Values and gradients equal separate forwards, with gradient checkpointing too, and for a role
-    # whose adapter skips some projections (loaded from a q_proj-only run)
+def test_parts_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, quantization, checkpointing):
+    # hidden_states_of_parts: rows through several roles in one pass (PPO's policy + value + ptx rows).
+    # Values and gradients equal separate forwards, with gradient checkpointing too, for parts of
+    # different lengths, and for a role whose adapter skips some projections (a q_proj-only run)
     only_q = make_model(tiny_model_dir("llama"), quantization, roles=(), target_modules=["q_proj"])
     only_q.add_role("narrow", trainable=True)
     perturb(only_q, "narrow", seed=7)
@@ -593,18 +593,23 @@ def test_roles_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, 
     assert {"policy", "value", "narrow"} <= model._row_mixable
     input_ids, attention_mask = batch(batch_size=3, seq_len=9)
     attention_mask[0, :3] = False  # a left-padded row
+    other_ids, other_mask = batch(batch_size=2, seq_len=6, seed=1)  # shorter rows: right-padded in the stack
+    other_mask[1, 4:] = False  # a right-padded row
     weights = torch.randn(model._hidden_size, generator=torch.Generator().manual_seed(0))  # [H]
     roles = ("policy", "value", "narrow")
+    parts = [("policy", input_ids, attention_mask), ("value", input_ids, attention_mask),
+             ("narrow", input_ids, attention_mask), ("policy", other_ids, other_mask)]
 
     def loss_and_grads(one_forward: bool):
         for role in roles:
             for parameter in model.parameters(role):
                 parameter.grad = None
         if one_forward:
-            hidden = model.hidden_states_of_roles(roles, input_ids, attention_mask)
+            hidden = model.hidden_states_of_parts(parts)
         else:
-            hidden = [model.hidden_states(role, input_ids, attention_mask) for role in roles]
-        loss = sum((h[attention_mask] @ weights).square().mean() * (i + 1) for i, h in enumerate(hidden))
+            hidden = [model.hidden_states(role, ids, mask) for role, ids, mask in parts]
+        loss = sum((h[mask] @ weights).square().mean() * (i + 1)
+                   for i, (h, (_, _, mask)) in enumerate(zip(hidden, parts)))
         loss.backward()
         grads = [p.grad.clone() for role in roles for p in model.parameters(role) if p.grad is not None]
         return [h.detach() for h in hidden], grads
@@ -612,8 +617,9 @@ def test_roles_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, 
     separate, separate_grads = loss_and_grads(False)
     together, together_grads = loss_and_grads(True)
     assert len(together_grads) == len(separate_grads) > 0
-    for a, b in zip(together, separate):
-        torch.testing.assert_close(a[attention_mask], b[attention_mask], atol=ATOL_FP32, rtol=0)
+    for a, b, (_, _, mask) in zip(together, separate, parts):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a[mask], b[mask], atol=ATOL_FP32, rtol=0)
     for a, b in zip(together_grads, separate_grads):  # fp32 sums over other row groupings: ~1e-6 of the scale
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
     assert not torch.equal(together[0], together[1])

@@ -38,7 +38,7 @@ from rlhf.ppo.kl_controller import KLController
 from rlhf.ppo.loop import build_roles, build_trainer, explained_variance, ppo_iteration
 from rlhf.ppo.rewards import last_token_index, score_penalties, shape_rewards
 from rlhf.ppo.rollout import answer_mask_from, sample, score
-from rlhf.ppo.update import ptx_loss
+from rlhf.ppo.update import UpdateSettings, _mini_batch_backward, ptx_nll_sum
 from rlhf.toy import ToyConfig, gold_score, rank, write_toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def test_sample_and_score_match_a_forward_pass_on_each_unpadded_row(quick_toy_wo
     assert (rollout.logprobs - rollout.ref_logprobs).abs().max() > 1e-2  # the two roles really differ
 
 
-def test_ptx_loss_is_the_mean_nll_of_the_pretraining_tokens(quick_toy_world):
+def test_ptx_nll_is_the_nll_of_the_pretraining_tokens(quick_toy_world):
     model = RoleModel(ModelConfig(path=str(quick_toy_world.model), quantization="none"), device=CPU)
     model.add_role("policy", trainable=True)
     perturb(model, "policy", 3)
@@ -266,12 +266,59 @@ def test_ptx_loss_is_the_mean_nll_of_the_pretraining_tokens(quick_toy_world):
         valid = mask[:, 1:]  # every real token but each row's first is predicted
         return -(logp * valid).sum() / valid.sum()
 
-    loss = ptx_loss(model, batch)
+    hidden = model.hidden_states("policy", ids, mask)  # [b, S, H]
+    loss = ptx_nll_sum(model, hidden, batch["labels"]) / (batch["labels"] != -100).sum()
     torch.testing.assert_close(loss.detach(), direct_nll("policy"), rtol=1e-5, atol=1e-5)
     assert abs(loss.item() - direct_nll(None).item()) > 1e-3  # the policy's adapter, not the bare base
     loss.backward()
     assert all(p.grad is not None for p in model.parameters("policy"))
     assert any(p.grad.abs().sum() > 0 for p in model.parameters("policy"))
+
+
+def test_a_mini_batch_gives_one_gradient_however_it_is_split_into_micro_batches(quick_toy_world, fresh_runs,
+                                                                               tmp_path):
+    """Policy, value and ptx rows in one forward per micro-batch, the ptx rows shared out over the
+    micro-batches: the accumulated gradient and the logged losses do not depend on the split, and the
+    ptx loss is the mean NLL of all the mini-batch's pretraining tokens."""
+    cfg = ppo_config(quick_toy_world, fresh_runs, tmp_path)
+    model = build_roles(cfg, CPU, None)
+    for seed, role in enumerate(("policy", "reference", "reward", "value")):
+        perturb(model, role, seed, scale=0.03)
+    prompt_ids, prompt_mask = PromptBatches(load_records(quick_toy_world.prompts, "prompts"), model.tokenizer,
+                                            8, 48, 0, CPU).batch(0)
+    torch.manual_seed(0)
+    rollout = sample(model, prompt_ids, prompt_mask, 6, 1.0, 1.0)
+    # every answer token counts, so each micro-batch has as many as the next: the PPO and value terms,
+    # token means per micro-batch averaged over micro-batches (as TRL), then equal the mini-batch's means
+    rollout.answer_mask = torch.ones_like(rollout.answer_mask)
+    rollout.attention_mask = torch.cat([prompt_mask, rollout.answer_mask], dim=1)
+    rollout = score(model, rollout, 1.0, micro_batch_size=8)
+    generator = torch.Generator().manual_seed(0)
+    rollout.advantages = torch.randn(rollout.logprobs.shape, generator=generator) * rollout.answer_mask
+    rollout.returns = rollout.values + 0.1 * torch.randn(rollout.values.shape, generator=generator)
+    texts = load_records(quick_toy_world.pretrain, "pretrain")[:40]
+    ptx = PretrainBatches(texts, model.tokenizer, 6, 20, 0, CPU).next()  # 6 rows, 20 tokens: another length
+    settings = UpdateSettings(ppo_epochs=1, mini_batch_size=8, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1,
+                              ptx_coef=2.0, temperature=1.0, max_grad_norm=1.0, precision="fp32")
+    params = model.parameters("policy") + model.parameters("value")
+    optimizer = torch.optim.SGD(params, lr=0.0)  # only its zero_grad is used
+    runs = {}
+    for micro in (8, 4, 2):  # 1, 2 and 4 micro-batches; the 6 ptx rows go 6 / 3+3 / 1+2+1+2
+        loss, stats = _mini_batch_backward(model, rollout, torch.arange(8), optimizer, settings, micro, ptx)
+        runs[micro] = (loss, stats, [p.grad.clone() for p in params])
+    with torch.no_grad():
+        labels = ptx["labels"]
+        hidden = model.hidden_states("policy", ptx["input_ids"], ptx["attention_mask"])
+        expected_ptx = ptx_nll_sum(model, hidden, labels) / (labels != -100).sum()
+    torch.testing.assert_close(runs[8][1]["ptx_loss"], expected_ptx, rtol=1e-5, atol=1e-6)
+    for micro in (4, 2):
+        loss, stats, grads = runs[micro]
+        torch.testing.assert_close(loss, runs[8][0], rtol=1e-5, atol=1e-6)
+        for key in ("pg_loss", "value_loss", "ptx_loss"):
+            torch.testing.assert_close(stats[key], runs[8][1][key], rtol=1e-5, atol=1e-6)
+        for grad, whole in zip(grads, runs[8][2]):
+            torch.testing.assert_close(grad, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+    assert any(g.abs().sum() > 0 for g in runs[8][2])
 
 
 # ------------------------------------------------------------------------------------------------

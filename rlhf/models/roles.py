@@ -11,9 +11,9 @@ Two peft behaviours this class works around:
   each role keeps its own `trainable` flag and the flags are re-applied after every switch.
 - peft can mix adapters within one batch (`adapter_names`) only at inference and through
   list-indexed copies that cost more than they save. PPO's update runs the same rows through the
-  policy and the value roles; `hidden_states_of_roles` does that in one forward: the base part of
-  every projection runs once over both copies of the rows, and a forward hook on each LoRA layer
-  adds each role's low-rank update to its own slice of rows.
+  policy and the value roles, and pretraining rows through the policy; `hidden_states_of_parts`
+  does that in one forward: the base part of every projection runs once over all the rows, and a
+  forward hook on each LoRA layer adds each role's low-rank update to its own slice of rows.
 - With gradient checkpointing the backward pass re-runs each layer's forward. If the role changed
   between forward and backward (policy forward, value forward, then one backward), the re-run would
   use the wrong adapter and give silently wrong gradients; the checkpoint's recompute context
@@ -35,6 +35,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 from rlhf.errors import ModelError
 from rlhf.models.base import (
@@ -232,24 +233,33 @@ class RoleModel:
         """
         return self._hidden_states(role, input_ids, attention_mask)
 
-    def hidden_states_of_roles(
-        self, roles: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    def hidden_states_of_parts(
+        self, parts: list[tuple[str, torch.Tensor, torch.Tensor]]
     ) -> list[torch.Tensor]:
-        """`[hidden_states(role, input_ids, attention_mask) for role in roles]` in one forward pass.
+        """`[hidden_states(role, input_ids, attention_mask) for role, input_ids, attention_mask in parts]`
+        in one forward pass (PPO's update: the rollout rows through policy and value, the pretraining
+        rows through the policy).
 
-        The rows are repeated once per role; every projection's base part runs once over all of them
-        and each role's LoRA update goes to its own copy. Same values and gradients as separate
-        forwards, one pass of per-layer overhead instead of len(roles). Roles whose adapter is not
-        plain LoRA everywhere (DoRA, variants) fall back to separate forwards.
+        The parts' rows are stacked, the shorter parts right-padded to the longest (causal attention:
+        real tokens never see that padding); every projection's base part runs once over all rows and
+        each role's LoRA update goes to its own rows. Same values and gradients as separate forwards,
+        with one pass of per-layer work instead of one per part. Roles whose adapter is not plain LoRA
+        everywhere (DoRA, variants, a LoRA bias) fall back to separate forwards.
         """
-        for role in roles:
+        for role, _, _ in parts:
             self._role(role)
-        if len(roles) < 2 or not all(role in self._row_mixable for role in roles):
-            return [self._hidden_states(role, input_ids, attention_mask) for role in roles]
-        n = input_ids.shape[0]
-        rows = RowRoles(tuple((role, i * n, (i + 1) * n) for i, role in enumerate(roles)))
-        hidden = self._hidden_states(rows, input_ids.repeat(len(roles), 1), attention_mask.repeat(len(roles), 1))
-        return list(hidden.split(n))  # len(roles) x [B, S, H]
+        if len(parts) < 2 or not all(role in self._row_mixable for role, _, _ in parts):
+            return [self._hidden_states(role, input_ids, attention_mask) for role, input_ids, attention_mask in parts]
+        length = max(input_ids.shape[1] for _, input_ids, _ in parts)
+        all_ids, all_masks, rows, start = [], [], [], 0
+        for role, input_ids, attention_mask in parts:
+            padding = (0, length - input_ids.shape[1])
+            all_ids.append(F.pad(input_ids, padding, value=self.tokenizer.pad_token_id))  # [b, length]
+            all_masks.append(F.pad(attention_mask.to(torch.long), padding, value=0))  # [b, length]
+            rows.append((role, start, start + input_ids.shape[0]))
+            start += input_ids.shape[0]
+        hidden = self._hidden_states(RowRoles(rows), torch.cat(all_ids), torch.cat(all_masks))  # [rows, length, H]
+        return [hidden[a:b, :input_ids.shape[1]] for (_, a, b), (_, input_ids, _) in zip(rows, parts)]
 
     def _hidden_states(self, active, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._activate(active)

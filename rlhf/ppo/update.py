@@ -10,6 +10,9 @@ Per mini-batch (gradient accumulated over micro-batches):
 - v_loss: the clipped value loss of openai baselines / TRL (`rlhf_kernels.ppo_value_loss`);
 - ptx_loss: minus the mean log-likelihood of a pretraining batch (InstructGPT PPO-ptx, gamma).
 
+The policy and value forwards of a micro-batch, and its share of the pretraining rows, run as one
+forward over the shared base (`RoleModel.hidden_states_of_parts`).
+
 Each epoch reshuffles the rollout into new mini-batches (MISSION; cleanrl `ppo.py` detail 6).
 """
 
@@ -21,7 +24,7 @@ import torch
 
 from rlhf.ppo.rollout import Rollout, answer_labels
 from rlhf.training import MicroBatchHalver, NonFiniteGuard, autocast
-from rlhf_kernels import fused_linear_ppo_loss, ppo_value_loss
+from rlhf_kernels import fused_linear_ppo_loss, fused_linear_token_logprobs, ppo_value_loss
 
 
 @dataclass
@@ -37,49 +40,82 @@ class UpdateSettings:
     precision: str
 
 
-def micro_batch_losses(model, mb: Rollout, s: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """-> (pg_loss, v_loss, stats) for one micro-batch; both losses are token means over the answer mask."""
+def micro_batch_losses(model, mb: Rollout, s: UpdateSettings, ptx: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """-> (pg_loss, v_loss, ptx_nll, stats) for one micro-batch. pg_loss and v_loss are token means over
+    the answer mask; ptx_nll is the summed NLL of `ptx`'s labelled tokens (None without ptx rows), so
+    that micro-batches add up to the mini-batch's sum.
+
+    One forward runs the rollout rows through the policy and the value roles and the pretraining rows
+    through the policy (`RoleModel.hidden_states_of_parts`)."""
     P, T = mb.prompt_len, mb.answer_mask.shape[1]
-    # policy and value over the same rows in one forward; positions P-1 .. S-2 predict the answer
-    policy_hidden, value_hidden = model.hidden_states_of_roles(("policy", "value"), mb.sequences, mb.attention_mask)
-    hidden = policy_hidden[:, P - 1:P + T - 1]  # [b, T, H]
+    parts = [("policy", mb.sequences, mb.attention_mask), ("value", mb.sequences, mb.attention_mask)]
+    if ptx is not None:
+        parts.append(("policy", ptx["input_ids"], ptx["attention_mask"]))
+    hidden_states = model.hidden_states_of_parts(parts)
+    hidden = hidden_states[0][:, P - 1:P + T - 1]  # [b, T, H]: positions P-1 .. S-2 predict the answer
     pg_loss, pg_stats = fused_linear_ppo_loss(
         hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, answer_labels(mb).reshape(-1),
         mb.logprobs.reshape(-1), mb.advantages.reshape(-1), mb.answer_mask.reshape(-1),
         bias=model.lm_head_bias, clip_eps=s.clip_eps, temperature=s.temperature)
-    values = model.head("value")(value_hidden[:, P - 1:P + T - 1])  # [b, T]
+    values = model.head("value")(hidden_states[1][:, P - 1:P + T - 1])  # [b, T]
     v_loss, v_stats = ppo_value_loss(values.float(), mb.values, mb.returns, mb.answer_mask,
                                      clip_eps=s.value_clip_eps)
     stats = {"clip_frac": pg_stats["clip_frac"], "approx_kl": pg_stats["approx_kl"],
              "entropy": pg_stats["entropy"], "value_clip_frac": v_stats["clip_frac"]}
-    return pg_loss, v_loss, stats
+    ptx_nll = ptx_nll_sum(model, hidden_states[2], ptx["labels"]) if ptx is not None else None
+    return pg_loss, v_loss, ptx_nll, stats
 
 
-def ptx_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """-mean log pi(x) over the pretraining tokens of `batch` (input_ids, attention_mask, labels)."""
-    logprobs = model.token_logprobs("policy", batch["input_ids"], batch["attention_mask"], batch["labels"])  # [b, S]
-    valid = batch["labels"] != -100  # [b, S]
-    return -(logprobs * valid).sum() / valid.sum().clamp(min=1)
+def ptx_nll_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-sum of log pi(x_t | x_<t) over the labelled tokens of pretraining rows, from the policy's
+    hidden states [b, L, H] and the shifted labels [b, L] (-100: not predicted). Sampling temperature
+    plays no part: this is the pretraining likelihood itself."""
+    logprobs = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
+                                           labels.reshape(-1), bias=model.lm_head_bias)  # [b * L], 0 at -100
+    return -logprobs.sum()
+
+
+def _ptx_share(batch: dict[str, torch.Tensor] | None, index: int, parts: int) -> dict[str, torch.Tensor] | None:
+    """The `index`-th of `parts` near-equal row slices of the mini-batch's pretraining rows (None if empty)."""
+    if batch is None:
+        return None
+    rows = batch["input_ids"].shape[0]
+    start, stop = rows * index // parts, rows * (index + 1) // parts
+    return {key: value[start:stop] for key, value in batch.items()} if stop > start else None
 
 
 def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer, s: UpdateSettings,
-                         micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Accumulate the gradient of one mini-batch over micro-batches of `micro` rows. -> (loss, stats)"""
+                         micro: int, ptx: dict[str, torch.Tensor] | None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Accumulate the gradient of one mini-batch over micro-batches of `micro` rows. -> (loss, stats)
+
+    The mini-batch's pretraining rows (`ptx`, PPO-ptx) are shared out over the micro-batches; their loss
+    is the NLL summed per micro-batch and divided by the mini-batch's token count, so the total is
+    exactly the mean over all of them whatever the split."""
     optimizer.zero_grad(set_to_none=True)
     device = rollout.sequences.device
     accumulation = len(mini) // micro
     step_stats: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=device)
-    for micro_start in range(0, len(mini), micro):
+    ptx_tokens = (ptx["labels"] != -100).sum().clamp(min=1) if ptx is not None else None
+    ptx_total = torch.zeros((), device=device)
+    for index, micro_start in enumerate(range(0, len(mini), micro)):
         mb = rollout.select(mini[micro_start:micro_start + micro])
         with autocast(device, s.precision):
-            pg_loss, v_loss, stats = micro_batch_losses(model, mb, s)
+            pg_loss, v_loss, ptx_nll, stats = micro_batch_losses(model, mb, s, _ptx_share(ptx, index, accumulation))
             loss = (pg_loss + s.vf_coef * v_loss) / accumulation
+            if ptx_nll is not None:
+                ptx_part = ptx_nll / ptx_tokens
+                loss = loss + s.ptx_coef * ptx_part
+                ptx_total += ptx_part.detach().float()
         loss.backward()
         loss_sum += loss.detach()
         stats.update(pg_loss=pg_loss.detach(), value_loss=v_loss.detach())
         for key, value in stats.items():
             step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / accumulation
+    if ptx is not None:
+        step_stats["ptx_loss"] = ptx_total
     return loss_sum, step_stats
 
 
@@ -97,14 +133,9 @@ def ppo_epochs(model, rollout: Rollout, optimizer, scheduler, params: list[torch
         order = torch.randperm(B, generator=generator).to(device)  # a fresh shuffle every epoch
         for start in range(0, B, s.mini_batch_size):
             mini = order[start:start + s.mini_batch_size]
+            ptx = next_ptx_batch() if s.ptx_coef > 0 else None  # drawn once: a halved retry reuses the rows
             loss_sum, step_stats = halver.run(
-                lambda micro: _mini_batch_backward(model, rollout, mini, optimizer, s, micro), optimizer)
-            if s.ptx_coef > 0:
-                with autocast(device, s.precision):
-                    lm_loss = ptx_loss(model, next_ptx_batch())
-                (s.ptx_coef * lm_loss).backward()
-                loss_sum += s.ptx_coef * lm_loss.detach()
-                step_stats["ptx_loss"] = lm_loss.detach().float()
+                lambda micro: _mini_batch_backward(model, rollout, mini, optimizer, s, micro, ptx), optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             if guard.ok(loss_sum, grad_norm, iteration, f"iteration {iteration} epoch {epoch} rows {mini.tolist()}"):
                 optimizer.step()
