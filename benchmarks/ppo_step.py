@@ -27,6 +27,7 @@ Usage:
   python benchmarks/ppo_step.py --smoke                              # tiny, CPU, seconds
   python benchmarks/ppo_step.py --shape tiny --peer trl              # issue 8's CPU comparison
   python benchmarks/ppo_step.py --shape tiny --quantization none --peer trl
+  python benchmarks/ppo_step.py --shape tiny --peer trl --rounds 4   # alternating rounds, paired ratios
   python benchmarks/ppo_step.py --shape tiny --providers ours --profile   # + per-step timers, op table
   python benchmarks/ppo_step.py --shape 0.5b --batch 64 --answer-len 128 --peer trl   # GPU
   python benchmarks/ppo_step.py --shape 8b --batch 16 --answer-len 1024 --lora-r 16   # GPU
@@ -287,6 +288,29 @@ def run_provider(provider: str, settings: dict, workdir: Path, timeout: float | 
     return json.loads(out_path.read_text())
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One provider's results from several rounds -> one result: every timed iteration pooled (median
+    and p20-p80 over all of them), peaks the largest, the first round's profile."""
+    ok = [r for r in rounds if "error" not in r]
+    if len(ok) < len(rounds):
+        return next(r for r in rounds if "error" in r)
+    merged = dict(ok[0])
+    for key, value in ok[0].items():
+        if isinstance(value, dict) and "all" in value:
+            merged[key] = percentile_summary([v for r in ok for v in r[key]["all"]])
+            merged[key.replace("_s", "_tokens_per_s")] = ok[0]["answer_tokens_per_iteration"] / merged[key]["median"]
+        elif key.endswith("_mib"):
+            merged[key] = max(r[key] for r in ok)
+    return merged
+
+
+def paired_ratios(rounds: dict[str, list[dict]], provider: str, base: str, key: str = "total_s") -> list[float]:
+    """Per round: base's median time / provider's, both measured in that round (a drifting machine
+    moves both alike)."""
+    return [b[key]["median"] / p[key]["median"] for p, b in zip(rounds[provider], rounds[base])
+            if "error" not in p and "error" not in b]
+
+
 def add_ratios(results: dict[str, dict]) -> None:
     """x faster / x less memory than each TRL row, for every row."""
     for base in ("trl", "trl-nogc"):
@@ -370,6 +394,9 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--profile", action="store_true", help="ours: one more iteration under torch.profiler")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every provider this many times, alternating the order; timings pooled, "
+                             "ratios also per round")
     parser.add_argument("--peer", choices=["trl"], help="also run TRL 1.12 (as shipped and without gc.collect)")
     parser.add_argument("--providers", nargs="+", choices=sorted(LABELS), help="override the provider list")
     parser.add_argument("--model-dir", help="reuse (or create) the random model here instead of a temp dir")
@@ -377,6 +404,8 @@ def parse_args(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.smoke:
         args.shape, args.batch, args.answer_len, args.prompt_len = "tiny", 4, 8, 8
         args.ppo_epochs, args.iterations, args.warmup, args.ptx_batch, args.ptx_len = 2, 2, 1, 2, 16
@@ -397,11 +426,25 @@ def main(argv=None):
         workdir = Path(tmp)
         model_dir = build_model_dir(SHAPES[args.shape], Path(args.model_dir) if args.model_dir else workdir / "model")
         settings = settings_from(args, model_dir, device)
-        results = {}
-        for provider in providers:
-            print(f"running {LABELS[provider]} ...", flush=True)
-            results[provider] = run_provider(provider, settings, workdir)
+        rounds: dict[str, list[dict]] = {provider: [] for provider in providers}
+        for round_index in range(args.rounds):
+            # every other round runs the providers in reverse order, so a machine that speeds up or slows
+            # down over the run does not favour whoever goes first
+            order = providers if round_index % 2 == 0 else providers[::-1]
+            for provider in order:
+                print(f"round {round_index + 1}/{args.rounds}: running {LABELS[provider]} ...", flush=True)
+                rounds[provider].append(run_provider(provider, settings, workdir))
+    results = {provider: merge_rounds(rounds[provider]) for provider in providers}
     add_ratios(results)
+    if args.rounds > 1:
+        for base in ("trl", "trl-nogc"):
+            if base not in providers:
+                continue
+            for provider in providers:
+                if provider != base:
+                    results[provider][f"rounds_x_faster_than_{base}"] = paired_ratios(rounds, provider, base)
+                    results[provider][f"rounds_x_faster_update_than_{base}"] = paired_ratios(
+                        rounds, provider, base, "update_s")
     env = environment(device, transformers=package_version("transformers"), peft=package_version("peft"),
                       bitsandbytes=package_version("bitsandbytes"))
     trl_versions = [r.get("trl") for r in results.values() if r.get("trl")]
@@ -413,8 +456,16 @@ def main(argv=None):
           f"| batch {s['batch']} "
           f"(mini {s['mini_batch']}, micro {s['micro_batch']}) | prompt {s['prompt_len']} + answer {s['answer_len']} "
           f"tokens | {s['ppo_epochs']} PPO epochs | ptx_coef {s['ptx_coef']} x {s['ptx_batch']} rows of "
-          f"{s['ptx_len']} (ours only) | {s['warmup']} warm-up + {s['iterations']} timed iterations")
+          f"{s['ptx_len']} (ours only) | {s['warmup']} warm-up + {s['iterations']} timed iterations"
+          f"{f' x {args.rounds} rounds' if args.rounds > 1 else ''}")
     print_table(results, device.type == "cuda")
+    for provider, r in results.items():
+        for base in ("trl", "trl-nogc"):
+            per_round = r.get(f"rounds_x_faster_than_{base}")
+            if per_round:
+                update = r[f"rounds_x_faster_update_than_{base}"]
+                print(f"{LABELS[provider]} vs {LABELS[base]}, per round (paired): iteration "
+                      f"{' '.join(f'{x:.2f}' for x in per_round)}; update {' '.join(f'{x:.2f}' for x in update)}")
     for provider, r in results.items():
         if "profile" in r:
             print_profile(LABELS[provider], r["profile"])

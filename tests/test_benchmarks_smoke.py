@@ -50,11 +50,15 @@ def test_ppo_step_smoke(tmp_path):
 @pytest.mark.skipif(not TRL_PYTHON.exists(), reason="TRL peer venv missing (bash benchmarks/setup_trl_venv.sh)")
 def test_ppo_step_smoke_trl_peer(tmp_path):
     out = tmp_path / "ppo_step_trl.json"
-    run_script("ppo_step.py", "--smoke", "--providers", "ours-noptx", "trl-nogc", "--out", str(out))
+    stdout = run_script("ppo_step.py", "--smoke", "--providers", "ours-noptx", "trl-nogc", "--rounds", "2",
+                        "--out", str(out))
     results = check_record(out)["results"]
     assert "error" not in results["trl-nogc"], results["trl-nogc"]
     assert results["trl-nogc"]["total_s"]["median"] > 0
+    assert results["trl-nogc"]["total_s"]["n"] == 2 * 2  # two rounds of two timed iterations, pooled
     assert "x_faster_than_trl-nogc" in results["ours-noptx"]
+    assert len(results["ours-noptx"]["rounds_x_faster_than_trl-nogc"]) == 2
+    assert "per round (paired)" in stdout
 
 
 def test_capacity_smoke(tmp_path):
