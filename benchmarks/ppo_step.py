@@ -441,7 +441,7 @@ def main(argv=None):
             if base not in providers:
                 continue
             for provider in providers:
-                if provider != base:
+                if provider.startswith("ours"):
                     results[provider][f"rounds_x_faster_than_{base}"] = paired_ratios(rounds, provider, base)
                     results[provider][f"rounds_x_faster_update_than_{base}"] = paired_ratios(
                         rounds, provider, base, "update_s")

@@ -259,7 +259,8 @@ class RoleModel:
             rows.append((role, start, start + input_ids.shape[0]))
             start += input_ids.shape[0]
         hidden = self._hidden_states(RowRoles(rows), torch.cat(all_ids), torch.cat(all_masks))  # [rows, length, H]
-        return [hidden[a:b, :input_ids.shape[1]] for (_, a, b), (_, input_ids, _) in zip(rows, parts)]
+        pieces = hidden.split([b - a for _, a, b in rows])  # split, not slices: no zero-filled gradients
+        return [piece[:, :input_ids.shape[1]] for piece, (_, input_ids, _) in zip(pieces, parts)]
 
     def _hidden_states(self, active, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._activate(active)
@@ -420,21 +421,22 @@ class RoleModel:
         rows = self._active
         if not isinstance(rows, RowRoles):
             return None
-        x = args[0]  # [rows, S, in]
         convert = not torch.is_autocast_enabled()  # as peft: LoRA runs in its weights' dtype unless autocast
+        # split, not slice: a slice's backward writes its gradient into a zero-filled full-size tensor,
+        # split's backward concatenates the pieces
+        sizes = [stop - start for _, start, stop in rows]
         parts = []
-        for role, start, stop in rows:
+        for (role, _, _), x_rows, base in zip(rows, args[0].split(sizes), output.split(sizes)):
             if role not in getattr(layer, "lora_A", {}):  # this adapter does not target this module
-                parts.append(output[start:stop])
+                parts.append(base)
                 continue
             lora_A, lora_B = layer.lora_A[role], layer.lora_B[role]
-            x_rows = x[start:stop].to(lora_A.weight.dtype) if convert else x[start:stop]
+            x_rows = x_rows.to(lora_A.weight.dtype) if convert else x_rows  # [rows, S, in]
             low_rank = lora_A(layer.lora_dropout[role](x_rows))  # [rows, S, r]
-            base = output[start:stop]  # [rows, S, out]
             # base + scaling * low_rank @ B^T as one GEMM: no separate full-width multiply and add
             part = torch.addmm(base.reshape(-1, base.shape[-1]).to(low_rank.dtype),
                                low_rank.reshape(-1, low_rank.shape[-1]), lora_B.weight.t(), alpha=layer.scaling[role])
-            parts.append(part.view_as(base).to(output.dtype))
+            parts.append(part.view_as(base).to(output.dtype))  # [rows, S, out]
         return torch.cat(parts)
 
     def _load_adapter_weights(self, name: str, adapter_dir: Path) -> None:
