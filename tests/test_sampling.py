@@ -86,6 +86,15 @@ def test_rows_pad_after_their_eos_and_the_output_stops_when_all_have_ended():
     assert lm.calls[0]["logits_to_keep"] == 1
 
 
+def test_checking_for_the_end_every_few_steps_gives_the_same_output():
+    # as on a GPU: the loop runs past the last EOS until the next check, then trims those columns
+    script = one_hot_logits([[2, 3], [EOS, 3], [4, EOS], [5, 5], [5, 5], [5, 5], [5, 5]])
+    every_step, _ = run(script, max_new_tokens=7)
+    every_four, lm = run(script, max_new_tokens=7, stop_check_every=4)
+    assert torch.equal(every_four, every_step) and every_step.shape == (2, 2 + 3)
+    assert len(lm.calls) == 4  # prefill + 3 decode steps: the 4th sampled token triggered the check
+
+
 def test_unfinished_rows_run_to_max_new_tokens():
     out, _ = run(one_hot_logits([[EOS, 2], [3, 2], [3, 3]]), max_new_tokens=3)
     assert out.tolist() == [[PAD, 4, EOS, PAD, PAD], [5, 4, 2, 2, 3]]

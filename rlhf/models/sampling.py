@@ -42,11 +42,13 @@ def _forward_argument_names(causal_lm) -> tuple[str, str | None]:
 @torch.no_grad()
 def sample_with_cache(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                       eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                      min_new_tokens: int = 0) -> torch.Tensor:
+                      min_new_tokens: int = 0, stop_check_every: int | None = None) -> torch.Tensor:
     """Sample up to `max_new_tokens` after left-padded prompts ([B, P] ids and 0/1 mask). -> [B, P + T]
 
     `causal_lm` is any transformers causal LM (with whatever adapter is active); it must be in eval
     mode. EOS cannot be drawn before `min_new_tokens` tokens (benchmarks use it to fix the length).
+    `stop_check_every`: decode steps between checks that every row has finished (default 1 on CPU,
+    8 on a GPU, where each check is a host sync).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
@@ -61,7 +63,7 @@ def sample_with_cache(causal_lm, input_ids: torch.Tensor, attention_mask: torch.
     positions = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, P]
     # on a GPU each check is a host sync that stalls the queue of kernels: check every few steps and
     # trim the extra columns afterwards (they hold pad in every row, as generate would not have made them)
-    check_every = 1 if device.type == "cpu" else 8
+    check_every = stop_check_every or (1 if device.type == "cpu" else 8)
     cache_name, keep_name = _forward_argument_names(causal_lm)
     keep_last = {keep_name: 1} if keep_name else {}  # the prefill needs only the last position's logits
     output = causal_lm(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions,
