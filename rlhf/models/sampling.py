@@ -2,7 +2,7 @@
 
 `transformers.generate` is general (beam search, a dozen logits processors, stopping criteria,
 streaming, assisted decoding) and pays for it on every decoded token: on the tiny benchmark model it
-spends about 15% of rollout time outside the model's forward. A rollout needs much less: one prefill
+takes about 12% longer than this loop to draw the same tokens. A rollout needs much less: one prefill
 forward, then one forward per new token, each drawing from softmax(logits / temperature), optionally
 nucleus-truncated. This loop does only that, with the same draws as `generate(do_sample=True)` (one
 `torch.multinomial` over the same probabilities per step, so the same seed gives the same tokens) and
