@@ -593,12 +593,13 @@ def test_parts_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, 
     assert {"policy", "value", "narrow"} <= model._row_mixable
     input_ids, attention_mask = batch(batch_size=3, seq_len=9)
     attention_mask[0, :3] = False  # a left-padded row
-    other_ids, other_mask = batch(batch_size=2, seq_len=6, seed=1)  # shorter rows: right-padded in the stack
+    other_ids, other_mask = batch(batch_size=2, seq_len=8, seed=1)  # a bit shorter: right-padded in the stack
     other_mask[1, 4:] = False  # a right-padded row
+    short_ids, short_mask = batch(batch_size=2, seq_len=4, seed=2)  # much shorter: a forward of its own
     weights = torch.randn(model._hidden_size, generator=torch.Generator().manual_seed(0))  # [H]
     roles = ("policy", "value", "narrow")
     parts = [("policy", input_ids, attention_mask), ("value", input_ids, attention_mask),
-             ("narrow", input_ids, attention_mask), ("policy", other_ids, other_mask)]
+             ("narrow", input_ids, attention_mask), ("policy", other_ids, other_mask), ("value", short_ids, short_mask)]
 
     def loss_and_grads(one_forward: bool):
         for role in roles:
@@ -615,7 +616,11 @@ def test_parts_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, 
         return [h.detach() for h in hidden], grads
 
     separate, separate_grads = loss_and_grads(False)
+    forwards = []
+    handle = model._decoder.register_forward_hook(lambda module, args, output: forwards.append(1))
     together, together_grads = loss_and_grads(True)
+    handle.remove()
+    assert len(forwards) == 2  # the four parts of similar length together, the short one alone
     assert len(together_grads) == len(separate_grads) > 0
     for a, b, (_, _, mask) in zip(together, separate, parts):
         assert a.shape == b.shape

@@ -53,6 +53,9 @@ from rlhf_kernels import fused_linear_token_logprobs
 
 log = logging.getLogger("rlhf.models")
 
+# hidden_states_of_parts pads a part to share a forward only if it has at least this fraction of the
+# longest part's length: padding more would cost more tokens than one pass of per-layer work saves
+PAD_TO_SHARE = 0.8
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # generate() arguments that leave softmax(logits / temperature) unchanged (see RoleModel.generate)
@@ -237,19 +240,35 @@ class RoleModel:
         self, parts: list[tuple[str, torch.Tensor, torch.Tensor]]
     ) -> list[torch.Tensor]:
         """`[hidden_states(role, input_ids, attention_mask) for role, input_ids, attention_mask in parts]`
-        in one forward pass (PPO's update: the rollout rows through policy and value, the pretraining
-        rows through the policy).
+        in as few forward passes as is worth it (PPO's update: the rollout rows through policy and
+        value, the pretraining rows through the policy).
 
-        The parts' rows are stacked, the shorter parts right-padded to the longest (causal attention:
-        real tokens never see that padding); every projection's base part runs once over all rows and
-        each role's LoRA update goes to its own rows. Same values and gradients as separate forwards,
-        with one pass of per-layer work instead of one per part. Roles whose adapter is not plain LoRA
-        everywhere (DoRA, variants, a LoRA bias) fall back to separate forwards.
+        Parts of similar length (within PAD_TO_SHARE of the longest) are stacked, the shorter ones
+        right-padded (causal attention: real tokens never see that padding), and run as one forward:
+        every projection's base part runs once over all their rows and each role's LoRA update goes
+        to its own rows. A much shorter part gets a forward of its own rather than being padded. Same
+        values and gradients as separate forwards. Roles whose adapter is not plain LoRA everywhere
+        (DoRA, variants, a LoRA bias) fall back to separate forwards.
         """
         for role, _, _ in parts:
             self._role(role)
         if len(parts) < 2 or not all(role in self._row_mixable for role, _, _ in parts):
             return [self._hidden_states(role, input_ids, attention_mask) for role, input_ids, attention_mask in parts]
+        groups: list[list[int]] = []  # indices into parts, longest first
+        for index in sorted(range(len(parts)), key=lambda i: -parts[i][1].shape[1]):
+            if groups and parts[index][1].shape[1] >= PAD_TO_SHARE * parts[groups[-1][0]][1].shape[1]:
+                groups[-1].append(index)
+            else:
+                groups.append([index])
+        hidden: list[torch.Tensor | None] = [None] * len(parts)
+        for group in groups:
+            for index, piece in zip(group, self._stacked_forward([parts[i] for i in group])):
+                hidden[index] = piece
+        return hidden
+
+    def _stacked_forward(self, parts: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        if len(parts) == 1:
+            return [self._hidden_states(*parts[0])]
         length = max(input_ids.shape[1] for _, input_ids, _ in parts)
         all_ids, all_masks, rows, start = [], [], [], 0
         for role, input_ids, attention_mask in parts:
