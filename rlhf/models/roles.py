@@ -433,13 +433,11 @@ class RoleModel:
         adapters = set(self._peft_model.peft_config) if self._peft_model is not None else set()
         self._row_mixable = {a for a in adapters if self._lora_layers and all(_plain_lora(m, a) for m in layers)}
 
-    def _add_row_deltas(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """Forward hook on every LoRA layer while a RowRoles forward is active. peft's own update is
-        disabled (the layer returns its base output) and this adds each role's B(A(dropout(x))) * scaling
-        to its rows, the arithmetic of peft's LoRA Linear."""
+    def _add_row_deltas(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on every LoRA layer, registered only while a RowRoles forward is active (see
+        _activate). peft's own update is disabled (the layer returns its base output) and this adds each
+        role's B(A(dropout(x))) * scaling to its rows, the arithmetic of peft's LoRA Linear."""
         rows = self._active
-        if not isinstance(rows, RowRoles):
-            return None
         convert = not torch.is_autocast_enabled()  # as peft: LoRA runs in its weights' dtype unless autocast
         # split, not slice: a slice's backward writes its gradient into a zero-filled full-size tensor,
         # split's backward concatenates the pieces
