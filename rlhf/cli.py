@@ -18,8 +18,9 @@ from rlhf.errors import ConfigError, RLHFError
 
 @dataclass(frozen=True)
 class Command:
-    module: str  # where the config class and the entry function live
+    config_module: str  # torch-free: all `--help` and config checks import
     config: str
+    module: str  # where the entry function lives (imports torch)
     entry: str
     summary: str
     aliases: tuple[tuple[str, str], ...]  # short flag -> dotted config field
@@ -28,20 +29,22 @@ class Command:
 _BASICS = (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"))
 
 COMMANDS = {
-    "toy": Command("rlhf.toy.command", "ToyRunConfig", "write_toy_world_from_config",
+    "toy": Command("rlhf.toy.config", "ToyRunConfig", "rlhf.toy.command", "write_toy_world_from_config",
                    "write the offline toy world (data files + a pretrained tiny model)",
                    (("out", "out_dir"),)),
-    "sft": Command("rlhf.sft", "SFTConfig", "train", "stage 1: supervised fine-tuning of the policy adapter",
-                   _BASICS),
-    "rm": Command("rlhf.reward", "RMConfig", "train", "stage 2: reward model from ranked answers",
+    "sft": Command("rlhf.sft_config", "SFTConfig", "rlhf.sft", "train",
+                   "stage 1: supervised fine-tuning of the policy adapter", _BASICS),
+    "rm": Command("rlhf.reward_config", "RMConfig", "rlhf.reward", "train",
+                  "stage 2: reward model from ranked answers",
                   _BASICS + (("sft", "sft_dir"), ("demos", "data.demonstrations"))),
-    "ppo": Command("rlhf.ppo", "PPOConfig", "train", "stage 3: PPO / PPO-ptx against the reward model",
+    "ppo": Command("rlhf.ppo.config", "PPOConfig", "rlhf.ppo", "train",
+                   "stage 3: PPO / PPO-ptx against the reward model",
                    _BASICS + (("sft", "sft_dir"), ("rm", "rm_dir"), ("pretrain", "data.pretrain"),
                               ("ptx_coef", "ptx_coef"))),
-    "pipeline": Command("rlhf.pipeline", "PipelineConfig", "run",
+    "pipeline": Command("rlhf.pipeline_config", "PipelineConfig", "rlhf.pipeline", "run",
                         "SFT -> RM -> PPO end to end (no arguments: the toy world)",
                         (("out", "out_dir"), ("model", "model_path"), ("data", "data.dir"))),
-    "eval": Command("rlhf.eval", "EvalConfig", "evaluate",
+    "eval": Command("rlhf.eval_config", "EvalConfig", "rlhf.eval", "evaluate",
                     "score saved policies: RM score, gold score, win rate, KL to SFT, pretrain loss",
                     (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"), ("sft", "sft_dir"),
                      ("rm", "rm_dir"), ("policy", "policy_dir"), ("pretrain", "data.pretrain"))),
@@ -109,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns at import on every CPU machine that an optional faster CPU kernel is absent
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        module = importlib.import_module(cmd.module)
-        config_cls = getattr(module, cmd.config)
+        config_cls = getattr(importlib.import_module(cmd.config_module), cmd.config)
         config_path, overrides, want_help = parse_overrides(rest, dict(cmd.aliases))
         if want_help:
             try:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             return 0
         cfg = load_config(config_cls, config_path, overrides)
-        getattr(module, cmd.entry)(cfg)
+        getattr(importlib.import_module(cmd.module), cmd.entry)(cfg)  # the first torch import
     except RLHFError as err:
         print(f"rlhf {name}: error: {err}", file=sys.stderr)
         return 2

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from rlhf.config import require_path
 from rlhf.errors import ConfigError
-from rlhf.models import ModelConfig
+from rlhf.models.config import ModelConfig
 from rlhf.stage_dirs import adapter_dir
-from rlhf.training import OptimConfig
+from rlhf.optim_config import OptimConfig
 
 
 @dataclass
