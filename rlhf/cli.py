@@ -8,10 +8,12 @@ line, without a traceback.
 from __future__ import annotations
 
 import importlib
-import logging
+import os
 import sys
+import textwrap
 from dataclasses import dataclass
 
+import rlhf
 from rlhf.config import field_help, load_config
 from rlhf.errors import ConfigError, RLHFError
 
@@ -54,7 +56,8 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: rlhf <command> [--config FILE.yaml] [--field value ...]", "", "commands:"]
     lines += [f"  {name:<9} {cmd.summary}" for name, cmd in COMMANDS.items()]
-    lines += ["", "`rlhf <command> --help` lists every field of that command's config."]
+    lines += ["", "`rlhf <command> --help` lists every field of that command's config, with its default and why.",
+              "`rlhf --version` prints the version."]
     return "\n".join(lines)
 
 
@@ -64,10 +67,32 @@ def _command_help(name: str, cmd: Command, config_cls: type) -> str:
         lines.append("shortcuts:")
         lines += [f"  --{short:<10} = --{dotted}" for short, dotted in cmd.aliases]
         lines.append("")
-    lines.append("config fields (dotted names for nested fields; values are parsed as YAML):")
-    for dotted, type_name, default in field_help(config_cls):
-        lines.append(f"  --{dotted:<32} {type_name:<18} default {default}")
+    lines.append("config fields: dotted names for nested fields, values parsed as YAML; each default is what")
+    lines.append(f"`rlhf {name}` runs with, each note where that default comes from ({{a,b}}: the allowed values)")
+    lines.append("")
+    wrap = dict(width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    for row in field_help(config_cls):
+        if row.group:
+            lines += ["", f"  {row.name}.* ({row.type})"]
+            lines += textwrap.wrap(row.why, **wrap)
+            continue
+        group = row.name.rpartition(".")[0]
+        note = f", see {group}.* above; {row.class_default}" if row.class_default else ""
+        lines.append(f"  --{row.name} {row.type}  (default: {row.default}{note})")
+        lines += textwrap.wrap(row.why, **wrap)
     return "\n".join(lines)
+
+
+def _write(text: str, stream=None) -> None:
+    """print(), but a reader that stops early (`rlhf -h | head -3`) ends the output quietly."""
+    stream = stream or sys.stdout
+    try:
+        print(text, file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        # whatever is still buffered would fail again at exit: point stdout at /dev/null (Python docs,
+        # "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def parse_overrides(args: list[str], aliases: dict[str, str]) -> tuple[str | None, dict[str, str], bool]:
@@ -100,25 +125,22 @@ def parse_overrides(args: list[str], aliases: dict[str, str]) -> tuple[str | Non
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        _write(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        _write(f"rlhf {rlhf.__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"rlhf: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
     cmd = COMMANDS[name]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    # bitsandbytes warns at import on every CPU machine that an optional faster CPU kernel is absent
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # progress lines: the `rlhf` logger prints them as it does for Python API users (rlhf/__init__.py)
     try:
         config_cls = getattr(importlib.import_module(cmd.config_module), cmd.config)
         config_path, overrides, want_help = parse_overrides(rest, dict(cmd.aliases))
         if want_help:
-            try:
-                print(_command_help(name, cmd, config_cls))
-            except BrokenPipeError:  # `rlhf ppo --help | head`
-                pass
+            _write(_command_help(name, cmd, config_cls))
             return 0
         cfg = load_config(config_cls, config_path, overrides)
         getattr(importlib.import_module(cmd.module), cmd.entry)(cfg)  # the first torch import

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rlhf.config import require_path
 from rlhf.errors import ConfigError
@@ -17,11 +18,11 @@ class EvalData:
     pretrain: str = ""  # {"text"} records; "" skips pretrain_loss
     val_fraction: float = 0.1  # must match the PPO run's split so its training users stay out
     max_prompts: int = 200  # ours: enough prompts for a win rate within a few points
-    max_prompt_length: int = 48
-    max_pretrain_length: int = 64
+    max_prompt_length: int = 48  # as PPO's data.max_prompt_length: longer prompts keep their end
+    max_pretrain_length: int = 64  # as PPO's data.max_pretrain_length: tokens per pretraining chunk
     max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
-    skip_invalid: bool = False
-    seed: int = 0
+    skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
+    seed: int = 0  # must match the PPO run's data.seed (the same user-id split)
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -37,13 +38,13 @@ class EvalConfig:
     policy_dir: str = ""  # one policy run to compare with SFT ("" = SFT alone)
     policies: dict[str, str] = field(default_factory=dict)  # more policies: {name: run dir}
     out_dir: str = "runs/eval"  # eval.json is written here
-    gold: str = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
-    max_new_tokens: int = 16
+    gold: Literal["toy", "none"] = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
+    max_new_tokens: int = 16  # longest sampled answer; the pipeline passes PPO's rollout.max_new_tokens
     temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
     answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
-    batch_size: int = 64
+    batch_size: int = 64  # ours: prompts per sampling forward and chunks per pretrain-loss forward
     seed: int = 1234  # ours: the same sampling noise for every policy
-    device: str = "auto"
+    device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
 
     def validate(self) -> None:
         if self.gold not in ("toy", "none"):
@@ -55,10 +56,10 @@ class EvalConfig:
         """The runs and files evaluation reads exist (before any model loads)."""
         if not self.sft_dir or not self.rm_dir:
             raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
-        require_path(self.model.path, "model.path", "model directory")
-        require_path(self.data.path, "data.path", "prompts file (--data prompts.jsonl)")
+        require_path(self.model.path, "model.path", "model directory", "--model DIR")
+        require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
         if self.data.pretrain:
-            require_path(self.data.pretrain, "data.pretrain", "pretraining file")
+            require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
         adapter_dir(self.sft_dir, "policy")
         adapter_dir(self.rm_dir, "reward")
         for name, run in self.all_policies().items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rlhf.config import require_path
 from rlhf.errors import ConfigError
@@ -28,7 +29,7 @@ class PipelineData:
     def validate(self) -> None:
         if not self.dir:
             return
-        folder = require_path(self.dir, "data.dir", "data directory")
+        folder = require_path(self.dir, "data.dir", "data directory", "--data DIR")
         for name in DATA_FILES:
             if not getattr(self, name) and (folder / f"{name}.jsonl").is_file():
                 setattr(self, name, str(folder / f"{name}.jsonl"))
@@ -39,14 +40,15 @@ DATA_FILES = ("sft", "rankings", "prompts", "pretrain")  # <name>.jsonl in data.
 
 @dataclass
 class PipelineConfig:
-    out_dir: str = "runs/pipeline"
+    out_dir: str = "runs/pipeline"  # one run directory per stage under it (sft/, rm/, ppo/, ppo_ptx/), eval.json
     model_path: str = ""  # a local HF model dir; "" = the toy world's pretrained base
-    quantization: str = "nf4"  # design card: one shared 4-bit base under every role
+    quantization: Literal["nf4", "none"] = "nf4"  # design card: one shared 4-bit base under every role
     data: PipelineData = field(default_factory=PipelineData)
     toy: ToyConfig = field(default_factory=ToyConfig)
-    rm_labels: str = "sampled"  # InstructGPT: RM data are K SFT samples ranked by labellers ("file": data.rankings)
+    rm_labels: Literal["sampled", "file"] = "sampled"  # InstructGPT: RM data are K SFT samples ranked by labellers ("file": data.rankings)
     rm_k: int = 4  # InstructGPT: K = 4..9 answers ranked per prompt
-    ppo_variants: list[str] = field(default_factory=lambda: list(PPO_VARIANTS))
+    ppo_variants: list[Literal["ppo", "ppo_ptx"]] = field(default_factory=lambda: list(PPO_VARIANTS))
+    # InstructGPT compares both: PPO, and PPO-ptx with ptx_coef times the pretraining log-likelihood
     ptx_coef: float = 1.0  # used by the "ppo_ptx" variant ("ppo" has 0). InstructGPT's gamma is 27.8;
     # ours: on the toy world 27.8 drowns the RL signal (gold score 0.65 against SFT's 0.78), 1.0 keeps
     # PPO's gold gain while the pretraining loss falls instead of rising
@@ -54,7 +56,7 @@ class PipelineConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    device: str = "auto"
+    device: str = "auto"  # "auto": cuda when available, else cpu; passed to every stage
 
     def validate(self) -> None:
         if self.rm_labels not in ("sampled", "file"):

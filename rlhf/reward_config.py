@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rlhf.config import require_path
 from rlhf.errors import ConfigError
@@ -17,9 +18,9 @@ class RMData:
     demonstrations: str = ""  # SFT demonstrations whose mean score is shifted to 0; "" = the best answers
     val_fraction: float = 0.1  # ours: held-out users (split by user id)
     max_length: int = 64  # ours: toy sequences are < 40 tokens
-    use_chat_template: bool = False
-    skip_invalid: bool = False
-    seed: int = 0
+    use_chat_template: bool = False  # render prompt/answer records with the tokenizer's chat template
+    skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
+    seed: int = 0  # the user-id split's seed: the same seed gives the same split
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -31,7 +32,7 @@ class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: RMData = field(default_factory=RMData)
     sft_dir: str = ""  # SFT run dir: the reward adapter starts from its policy adapter; "" = from scratch
-    out_dir: str = "runs/rm"
+    out_dir: str = "runs/rm"  # the run directory: reward/ adapter + head, config.yaml, metrics, checkpoints/
     epochs: int = 1  # InstructGPT RM: one epoch (more overfits)
     batch_size: int = 8  # ours: prompts (each with all its K answers) per optimiser step
     micro_batch_size: int = 8  # ours: prompts per forward
@@ -39,16 +40,16 @@ class RMConfig:
     # lr ours (LoRA, tiny model); cosine decay as InstructGPT's RM schedule
     margin: float = 0.0  # Llama 2 style margin; InstructGPT uses none
     center_coef: float = 0.0  # Eisenstein et al. 2023 / TRL center_rewards_coefficient; off as InstructGPT
-    eval_every: int = 50
-    log_every: int = 5
-    checkpoint_every: int = 100
-    keep_last: int = 2
+    eval_every: int = 50  # ours: optimiser steps between validation passes
+    log_every: int = 5  # ours: optimiser steps per logged train_loss mean
+    checkpoint_every: int = 100  # ours: optimiser steps between checkpoints
+    keep_last: int = 2  # ours: checkpoints kept on disk
     resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
-    max_nonfinite_in_a_row: int = 3
+    max_nonfinite_in_a_row: int = 3  # ours: a few non-finite steps are skipped; more means divergence
     auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
+    seed: int = 0  # python, numpy and torch seeds, and the batch order
+    device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # "auto": bf16 autocast on CUDA; fp32 on CPU
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -63,9 +64,9 @@ class RMConfig:
 
     def check_inputs(self) -> None:
         """The paths this run reads exist (before any model loads)."""
-        require_path(self.model.path, "model.path", "model directory")
-        require_path(self.data.path, "data.path", "rankings file (--data rankings.jsonl)")
+        require_path(self.model.path, "model.path", "model directory", "--model DIR")
+        require_path(self.data.path, "data.path", "rankings file", "--data rankings.jsonl")
         if self.data.demonstrations:
-            require_path(self.data.demonstrations, "data.demonstrations", "demonstrations file")
+            require_path(self.data.demonstrations, "data.demonstrations", "demonstrations file", "--demos sft.jsonl")
         if self.sft_dir:
             adapter_dir(self.sft_dir, "policy")

@@ -6,9 +6,15 @@ does not import torch, transformers and peft."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from rlhf.lazy_exports import lazy_exports
+
+# bitsandbytes (imported by peft) warns on every CPU machine that an optional faster CPU kernel
+# ("gemm_4bit_forward ... pip install kernels") is absent; nothing is wrong. Silenced here, before
+# any submodule imports peft, so the CLI and the Python API both go without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _SOURCES = {
     "ModelConfig": "rlhf.models.config",
