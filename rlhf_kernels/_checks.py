@@ -98,6 +98,14 @@ def check_no_grad(name: str, t: torch.Tensor) -> None:
         )
 
 
+def check_targets(ref_name: str, ref: torch.Tensor, **targets: torch.Tensor) -> None:
+    """Each target (old log-probs, advantages, old values, returns) is a float tensor shaped and
+    placed like `ref`, and a constant: `check_like` and `check_no_grad` for each, in order."""
+    for name, t in targets.items():
+        check_like(name, t, ref_name, ref)
+        check_no_grad(name, t)
+
+
 def check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{name} must be a positive float; got {value!r}")

@@ -187,11 +187,8 @@ def check_policy_args(
     and `vocab` comes from the weight): shapes, dtypes, devices, constant targets, label range.
     Returns the mask as bool (`_checks.as_bool_mask`)."""
     _checks.check_labels(labels, logits, logits_name)
-    _checks.check_like("old_logp", old_logp, "labels", labels)
-    _checks.check_like("advantages", advantages, "labels", labels)
+    _checks.check_targets("labels", labels, old_logp=old_logp, advantages=advantages)
     mask = _checks.as_bool_mask("mask", mask, "labels", labels)
-    _checks.check_no_grad("old_logp", old_logp)
-    _checks.check_no_grad("advantages", advantages)
     _checks.check_positive("clip_eps", clip_eps)
     if clip_eps_high is not None:
         _checks.check_positive("clip_eps_high", clip_eps_high)

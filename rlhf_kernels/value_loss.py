@@ -116,11 +116,8 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2, backend=None
     Returns (loss [] fp32, {"clip_frac": [] fp32 detached}). backend: as in `token_logprobs`.
     """
     _checks.check_float("values", values)
-    _checks.check_like("old_values", old_values, "values", values)
-    _checks.check_like("returns", returns, "values", values)
+    _checks.check_targets("values", values, old_values=old_values, returns=returns)
     mask = _checks.as_bool_mask("mask", mask, "values", values)
-    _checks.check_no_grad("old_values", old_values)
-    _checks.check_no_grad("returns", returns)
     _checks.check_positive("clip_eps", clip_eps)
     if not use_triton(backend, values):
         return reference.ppo_value_loss_reference(values, old_values, returns, mask, clip_eps)
