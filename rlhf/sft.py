@@ -57,7 +57,7 @@ class SFTConfig:
     log_every: int = 10  # ours
     checkpoint_every: int = 200  # ours: optimiser steps between checkpoints
     keep_last: int = 2  # ours
-    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "" never
+    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
     overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
     max_nonfinite_in_a_row: int = 3  # ours
     auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step

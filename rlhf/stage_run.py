@@ -25,7 +25,7 @@ the seeds set. The owner rule: a run dir belongs to one stage and one config.
     another config                refused (fields a resume may change, such as optim.lr, excepted)
     the same config, DONE         `run.finished`: the stage returns the run dir without training
     the same config, unfinished   resumed from its newest checkpoint (resume="auto", the default);
-                                  with resume="" refused, naming --resume auto and --overwrite
+                                  with resume="never" refused, naming --resume auto and --overwrite
 
 Leaving: a NonFiniteError (the guard's stop) first checkpoints the last good state (bad steps are
 skipped or undone, so the weights are good); an out-of-memory becomes the error naming the settings
@@ -92,6 +92,7 @@ class StageRun:
         self.halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, where, memory_settings)
         self.metrics: MetricsLogger | None = None
         self._lock = RunDirLock(self.out)
+        self._resume = "" if cfg.resume in ("never", "", None) else cfg.resume  # "" for resolve_resume: never
         self._began = False
 
     # ------------------------------------------------------------------ entering
@@ -111,8 +112,8 @@ class StageRun:
         fresh = self._claim()
         if self.finished:
             return
-        if self.cfg.resume and not (fresh and self.cfg.resume == "auto"):
-            self.resume_from = resolve_resume(self.out, self.cfg.resume, self.cfg)
+        if self._resume and not (fresh and self._resume == "auto"):
+            self.resume_from = resolve_resume(self.out, self._resume, self.cfg)
         if self.resume_from is not None:
             self.checkpoint_step = _step_of(self.resume_from)
         write_owner(self.out, self.stage)
@@ -148,7 +149,7 @@ class StageRun:
                      "it again", self.out, self.stage, DONE)
             self.finished = True
             return False
-        if not self.cfg.resume:
+        if not self._resume:
             raise ConfigError(f"{where} holds an unfinished {self.stage} run of this config; pass --resume auto "
                               "to continue it from its newest checkpoint, or --overwrite to start over")
         return False
@@ -240,7 +241,7 @@ class StageRun:
         if self.checkpoint_step is None:
             return (f"{at}; no checkpoint yet (checkpoint_every={self.cfg.checkpoint_every}): rerunning starts "
                     "over")
-        rerun = "rerun the same command" if self.cfg.resume else "rerun with --resume auto"
+        rerun = "rerun the same command" if self._resume else "rerun with --resume auto"
         return f"{at}; the newest checkpoint is step {self.checkpoint_step}: {rerun} to continue from it"
 
 

@@ -203,7 +203,8 @@ class NonFiniteGuard:
         return {"in_a_row": self.in_a_row, "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.in_a_row = state["in_a_row"]
+        # a checkpoint written by the stop holds a full count: the rerun (say at a lower rate) starts a new one
+        self.in_a_row = state["in_a_row"] if state["in_a_row"] < self.max_in_a_row else 0
         self.skipped_total = state["skipped_total"]
 
 

@@ -100,7 +100,7 @@ class PPOConfig:
     auto_halve_micro_batch: bool = False  # ours: on CUDA OOM, halve micro_batch_size and retry
     checkpoint_every: int = 10  # ours: iterations between checkpoints
     keep_last: int = 2  # ours: checkpoints kept on disk
-    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "" never
+    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
     overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
     log_every: int = 1
     seed: int = 0
