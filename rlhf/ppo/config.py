@@ -101,7 +101,8 @@ class PPOConfig:
     auto_halve_micro_batch: bool = False  # ours: on CUDA OOM, halve micro_batch_size and retry
     checkpoint_every: int = 10  # ours: iterations between checkpoints
     keep_last: int = 2  # ours: checkpoints kept on disk
-    resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
+    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
+    overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
     log_every: int = 1  # ours: iterations between logged metrics rows
     seed: int = 0  # python, numpy and torch seeds: sampling and the mini-batch order
     device: str = "auto"  # cuda when available, else cpu
