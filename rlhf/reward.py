@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rlhf import distributed
 from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
@@ -75,8 +76,11 @@ def ranking_batch_loss(model: RoleModel, batch: dict[str, torch.Tensor], margin:
 @torch.no_grad()
 def evaluate_rankings(model: RoleModel, examples: list[dict], batch_size: int, pad_id: int,
                       device: torch.device, precision: str, margin: float = 0.0) -> dict[str, float]:
-    """Validation loss, pairwise accuracy (all C(K, 2) pairs) and the mean/std of the scores."""
-    losses, correct, n_pairs, all_scores = [], 0.0, 0, []
+    """Validation loss, pairwise accuracy (all C(K, 2) pairs) and the mean/std of the scores
+    (several processes: each scores its share, the sums and the scores are gathered)."""
+    n_examples = len(examples)
+    examples = distributed.eval_share(examples)
+    losses, correct, n_pairs, all_scores = [], 0.0, 0, [torch.zeros(0, device=device)]
     for start in range(0, len(examples), batch_size):
         batch = _to(collate_rankings(examples[start:start + batch_size], pad_id), device)
         with autocast(device, precision):
@@ -87,8 +91,11 @@ def evaluate_rankings(model: RoleModel, examples: list[dict], batch_size: int, p
         correct += accuracy.item() * pairs
         n_pairs += pairs
         all_scores.append(scores.float())
-    scores = torch.cat(all_scores)
-    return {"val_loss": sum(losses) / len(examples), "val_pairwise_accuracy": correct / max(n_pairs, 1),
+    scores = distributed.gather_cat(torch.cat(all_scores))
+    if distributed.active():
+        totals = distributed.gather_objects((sum(losses), correct, n_pairs))
+        losses, correct, n_pairs = [sum(t[0] for t in totals)], sum(t[1] for t in totals), sum(t[2] for t in totals)
+    return {"val_loss": sum(losses) / n_examples, "val_pairwise_accuracy": correct / max(n_pairs, 1),
             "val_score_mean": scores.mean().item(), "val_score_std": scores.std().item() if len(scores) > 1 else 0.0}
 
 
@@ -96,7 +103,7 @@ def evaluate_rankings(model: RoleModel, examples: list[dict], batch_size: int, p
 def demonstration_scores(model: RoleModel, examples: list[dict], batch_size: int, pad_id: int,
                          device: torch.device, precision: str) -> torch.Tensor:
     """RM scores of (prompt, demonstration) sequences. -> [n]"""
-    scores = []
+    scores = [torch.zeros(0, device=device)]
     for start in range(0, len(examples), batch_size):
         rows = examples[start:start + batch_size]
         padded = _to(pad_right([e["input_ids"] for e in rows], pad_id), device)
@@ -122,8 +129,9 @@ def normalise(model: RoleModel, cfg: RMConfig, rankings: list[dict]) -> dict[str
     device = head.offset.device
     with torch.no_grad():
         head.offset.zero_()
-        raw = demonstration_scores(model, examples, cfg.micro_batch_size * 4, tokenizer.pad_token_id,
-                                   device, cfg.precision)
+        raw = demonstration_scores(model, distributed.eval_share(examples), cfg.micro_batch_size * 4,
+                                   tokenizer.pad_token_id, device, cfg.precision)
+        raw = distributed.gather_cat(raw)  # several processes: each scored its share
         head.offset.fill_(-raw.mean())
     log.info("RM normalised on %d demonstrations from %s: offset %.4f", len(examples), source, -raw.mean().item())
     return {"demo_score_mean_before": raw.mean().item(), "demo_score_std": raw.std().item() if len(raw) > 1 else 0.0,
@@ -157,13 +165,16 @@ def train(cfg: RMConfig) -> Path:
         running = torch.zeros(2, device=device)  # loss and accuracy summed since the last log line
         start = run.begin(model, ["reward"], optimizer, scheduler, running=running)
         pad_id = tokenizer.pad_token_id
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
+        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step",
+                   disable=not distributed.is_main())
         for step in bar:
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
+            rows = distributed.shard(rows, "batch_size")  # several processes: this one's share of the prompts
             optimizer.zero_grad(set_to_none=True)
 
             def forward_backward(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-                accumulation = math.ceil(len(rows) / micro)
+                # the micro-batches of the whole global batch: the loss is the mean over all prompts
+                accumulation = distributed.world_size() * math.ceil(len(rows) / micro)
                 loss_sum = torch.zeros((), device=device)
                 acc_sum = torch.zeros((), device=device)
                 for i in range(0, len(rows), micro):
@@ -177,6 +188,9 @@ def train(cfg: RMConfig) -> Path:
                 return loss_sum, acc_sum
 
             loss_sum, acc_sum = run.halver.run(forward_backward, optimizer)
+            distributed.all_reduce_grads(params)  # several processes: the global batch's gradient
+            distributed.all_sum(loss_sum)
+            distributed.all_sum(acc_sum)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             run.guard.step(optimizer, loss_sum, grad_norm, step,
                            f"rankings {[train_examples[r]['source'] for r in rows[:4]]}...")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlhf import distributed
 from rlhf.data import load_records, pad_right, shift_labels, split_by_user, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
@@ -44,7 +45,8 @@ def answer_nll_sum(model: RoleModel, batch: dict[str, torch.Tensor]) -> tuple[to
 @torch.no_grad()
 def evaluate_loss(model: RoleModel, examples: list[dict], batch_size: int, pad_id: int, device: torch.device,
                   precision: str) -> dict[str, float]:
-    """Token-mean answer NLL and perplexity over `examples`."""
+    """Token-mean answer NLL and perplexity over `examples` (several processes: each scores its share)."""
+    examples = distributed.eval_share(examples)
     nll, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
     for start in range(0, len(examples), batch_size):
         batch = _batch(examples, list(range(start, min(start + batch_size, len(examples)))), pad_id, device)
@@ -52,6 +54,7 @@ def evaluate_loss(model: RoleModel, examples: list[dict], batch_size: int, pad_i
             part_nll, part_tokens = answer_nll_sum(model, batch)
         nll += part_nll.float()
         tokens += part_tokens
+    nll, tokens = distributed.all_sums(nll, tokens)
     loss = (nll / tokens.clamp(min=1)).item()
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
@@ -84,16 +87,19 @@ def train(cfg: SFTConfig) -> Path:
         running = torch.zeros((), device=device)
         start = run.begin(model, ["policy"], optimizer, scheduler, running_loss=running)
         pad_id = tokenizer.pad_token_id
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", unit="step")
+        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", unit="step",
+                   disable=not distributed.is_main())
         for step in bar:
             # each step's rows depend only on (seed, step): a resumed run sees the same batches
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
+            rows = distributed.shard(rows, "batch_size")  # several processes: this one's share of the batch
             optimizer.zero_grad(set_to_none=True)
 
             def forward_backward(micro: int) -> torch.Tensor:
                 micro_batches = [_batch(train_examples, rows[i:i + micro], pad_id, device)
                                  for i in range(0, len(rows), micro)]
-                total_tokens = sum((mb["labels"] != -100).sum() for mb in micro_batches).clamp(min=1)
+                # the token count of the whole global batch: each process's gradient is its share of the sum
+                total_tokens = distributed.all_sum(sum((mb["labels"] != -100).sum() for mb in micro_batches)).clamp(min=1)
                 loss_sum = torch.zeros((), device=device)
                 for mb in micro_batches:
                     with autocast(device, cfg.precision):
@@ -104,6 +110,8 @@ def train(cfg: SFTConfig) -> Path:
                 return loss_sum
 
             loss_sum = run.halver.run(forward_backward, optimizer)
+            distributed.all_reduce_grads(params)  # several processes: the global batch's gradient
+            distributed.all_sum(loss_sum)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             run.guard.step(optimizer, loss_sum, grad_norm, step,
                            f"rows {[train_examples[i]['source'] for i in rows[:4]]}...")

@@ -33,6 +33,11 @@ to lower; Ctrl-C says what a rerun will do; the lock is released.
 
 What a checkpoint holds is declared once, in `begin`: the trainable roles, the optimiser and
 scheduler, the guard, every random stream, and the stage's own counters (`**pieces`).
+
+Several processes (`rlhf/distributed.py`): rank 0 alone claims, locks and writes the run dir (OWNER,
+config.yaml, metrics, checkpoints, role dirs, DONE) and hands the outcome (finished, the checkpoint to
+resume from, or its error) to the others; every rank resumes from the same checkpoint with its own
+random state, and a checkpoint written by N processes is resumed only by N.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ from typing import Any, Callable
 
 import torch
 
+from rlhf import distributed
 from rlhf.checkpoint import (config_changes, load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
 from rlhf.config import read_yaml, save_config, validate
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.metrics import MetricsLogger
+from rlhf.metrics import MetricsLogger, _to_float
 from rlhf.stage_dirs import (CONFIG, DONE, RunDirLock, mark_done, read_owner, remove_run, run_contents,
                              write_owner)
 from rlhf.training import MicroBatchHalver, NonFiniteError, NonFiniteGuard, is_oom, oom_error, resolve_device, set_seed
@@ -77,6 +83,17 @@ class Piece:
         return Piece(thing.state_dict, thing.load_state_dict)
 
 
+class RankMetrics:
+    """What `run.metrics` is on ranks other than 0: the row is computed (its values are global, reduced
+    before logging) but only rank 0 writes it."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"step": int(step), **{k: _to_float(v) for k, v in metrics.items()}}
+
+    def close(self, plot: bool = True) -> None:
+        return None
+
+
 class StageRun:
     """See the module docstring. `stage` names the stage in OWNER and metrics ("sft", "rm", "ppo");
     `where` and `memory_settings` name it and the settings that lower its memory in an OOM error."""
@@ -97,8 +114,21 @@ class StageRun:
 
     # ------------------------------------------------------------------ entering
     def __enter__(self) -> "StageRun":
+        distributed.init()
         validate(self.cfg)
         self.cfg.check_inputs()
+        self.finished, self.resume_from, self.checkpoint_step = distributed.on_main(
+            self._open_locked, f"opening run dir {self.out}")
+        try:
+            self.device = distributed.place(resolve_device(self.cfg.device))
+            set_seed(self.cfg.seed)
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def _open_locked(self) -> tuple[bool, Path | None, int | None]:
+        """Lock the run dir and open it (rank 0 only). -> (finished, resume_from, checkpoint_step)"""
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         try:
@@ -106,7 +136,7 @@ class StageRun:
         except BaseException:
             self._lock.release()
             raise
-        return self
+        return self.finished, self.resume_from, self.checkpoint_step
 
     def _open(self) -> None:
         fresh = self._claim()
@@ -116,10 +146,10 @@ class StageRun:
             self.resume_from = resolve_resume(self.out, self._resume, self.cfg)
         if self.resume_from is not None:
             self.checkpoint_step = _step_of(self.resume_from)
+            saved = load_trainer_state(self.resume_from).get("world_size", 1)
+            distributed.check_same_world_size(saved, f"checkpoint {self.resume_from}")
         write_owner(self.out, self.stage)
         save_config(self.cfg, self.out / CONFIG)  # after resolve_resume, which may read the old one
-        self.device = resolve_device(self.cfg.device)
-        set_seed(self.cfg.seed)
 
     def _claim(self) -> bool:
         """Apply the owner rule (module docstring). -> True when the run dir holds no run (any more)."""
@@ -167,15 +197,20 @@ class StageRun:
         self.model, self.roles, self.optimizer, self.scheduler = model, roles, optimizer, scheduler
         self.pieces = {"optimizer": Piece.of(optimizer), "scheduler": Piece.of(scheduler), "guard": Piece.of(self.guard),
                        **{name: Piece.of(thing) for name, thing in pieces.items()}}
+        # every process starts from rank 0's weights; then each draws from its own random stream (dropout)
+        distributed.broadcast_params([p for role in roles for p in model.parameters(role)])
+        if distributed.rank() > 0:
+            set_seed(distributed.rank_seed(self.cfg.seed))
         if self.resume_from is not None:
             state = load_trainer_state(self.resume_from)
             for name, piece in self.pieces.items():
                 piece.load(state[name])
             self._apply_lr()
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng_per_rank"][distributed.rank()] if "rng_per_rank" in state else state["rng"])
             self.step = self.checkpoint_step = state["step"]
             log.info("%s: resumed from %s at step %d", self.stage, self.resume_from, self.step)
-        self.metrics = MetricsLogger(self.out, self.stage, resume_step=self.step if self.resume_from else None)
+        resume_step = self.step if self.resume_from else None
+        self.metrics = MetricsLogger(self.out, self.stage, resume_step) if distributed.is_main() else RankMetrics()
         self._began = True
         return self.step
 
@@ -194,13 +229,17 @@ class StageRun:
 
     # ------------------------------------------------------------------ during
     def checkpoint(self, step: int) -> None:
-        """Save the roles and the trainer state as checkpoint `step`."""
+        """Save the roles and the trainer state as checkpoint `step` (rank 0 writes; every rank's random state)."""
+        rngs = distributed.gather_objects(rng_state())
+        per_rank = {"rng_per_rank": rngs, "world_size": len(rngs)} if len(rngs) > 1 else {}
+
         def write(directory: Path) -> None:
             for role in self.roles:
                 self.model.save_role(role, directory / role)
             save_trainer_state(directory, {"step": step, **{name: piece.save() for name, piece in self.pieces.items()},
-                                           "rng": rng_state()})
-        save_checkpoint(self.out, step, write, keep_last=self.cfg.keep_last, config=self.cfg)
+                                           "rng": rngs[0], **per_rank})
+        distributed.on_main(lambda: save_checkpoint(self.out, step, write, keep_last=self.cfg.keep_last,
+                                                    config=self.cfg), f"checkpoint {step}")
         self.checkpoint_step = step
 
     def step_done(self, done: int, total: int) -> None:
@@ -210,11 +249,14 @@ class StageRun:
             self.checkpoint(done)
 
     def finish(self, **summary: Any) -> Path:
-        """Close the metrics log (and plot it), save each role into `<out>/<role>`, write DONE. -> the run dir."""
-        self.metrics.close()
-        for role in self.roles:
-            self.model.save_role(role, self.out / role)
-        mark_done(self.out, **summary)
+        """Close the metrics log (and plot it), save each role into `<out>/<role>`, write DONE. -> the run dir.
+        Rank 0 writes; every process returns once the files are there (a next stage may read them)."""
+        def write() -> None:
+            self.metrics.close()
+            for role in self.roles:
+                self.model.save_role(role, self.out / role)
+            mark_done(self.out, **summary)
+        distributed.on_main(write, "finishing the run")
         self.finished = True
         return self.out
 

@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from rlhf import distributed
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.optim_config import OptimConfig  # noqa: F401  (re-exported: `from rlhf.training import OptimConfig`)
 
@@ -210,16 +211,22 @@ class MicroBatchHalver:
     def run(self, step_fn, optimizer: torch.optim.Optimizer):
         """`step_fn(micro_batch_size)` does the forwards and backwards of one step; returns its result."""
         while True:
+            err = None
             try:
-                return step_fn(self.micro_batch_size)
-            except RuntimeError as err:
-                if not is_oom(err):
+                result = step_fn(self.micro_batch_size)
+            except RuntimeError as caught:
+                if not is_oom(caught):
                     raise
-                if not self.enabled or self.micro_batch_size == 1:
-                    raise oom_error(self.where, self.settings, can_halve=not self.enabled) from err
-                optimizer.zero_grad(set_to_none=True)  # drop the failed attempt's partial gradients
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self.micro_batch_size //= 2
-                log.warning("out of memory during %s; micro_batch_size halved to %d", self.where,
-                            self.micro_batch_size)
+                err = caught
+            # several processes: an out-of-memory on any rank halves the micro-batch on all of them
+            if not distributed.any_true(err is not None):
+                return result
+            if err is None:
+                log.warning("out of memory on another process during %s", self.where)
+            if not self.enabled or self.micro_batch_size == 1:
+                raise oom_error(self.where, self.settings, can_halve=not self.enabled) from err
+            optimizer.zero_grad(set_to_none=True)  # drop the failed attempt's partial gradients
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.micro_batch_size //= 2
+            log.warning("out of memory during %s; micro_batch_size halved to %d", self.where, self.micro_batch_size)

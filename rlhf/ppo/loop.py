@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlhf import distributed
 from rlhf.data import load_records, split_by_user
 from rlhf.metrics import postfix
 from rlhf.models import RoleModel
@@ -24,7 +25,7 @@ from rlhf.ppo.batches import PretrainBatches, PromptBatches
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.kl_controller import KLController
 from rlhf.ppo.rewards import score_penalties, shape_rewards
-from rlhf.ppo.rollout import Rollout, sample, score
+from rlhf.ppo.rollout import Rollout, gather_rollout, sample, score
 from rlhf.ppo.update import UpdateSettings, ppo_epochs
 from rlhf.stage_dirs import adapter_dir
 from rlhf.stage_run import Piece, StageRun
@@ -72,11 +73,15 @@ def ppo_iteration(cfg: PPOConfig, model: RoleModel, trainer: Trainer, prompts: t
                   iteration: int) -> IterationResult:
     """Steps 1-5 of one PPO iteration on a batch of left-padded prompts ([B, P] ids and mask)."""
     t0 = time.perf_counter()
-    # 1. rollout: sample one answer per prompt from the policy (KV cache, same temperature as scoring)
-    rollout = sample(model, *prompts, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+    # 1. rollout: sample one answer per prompt from the policy (KV cache, same temperature as scoring);
+    #    several processes: each samples its share of the prompts from its own random stream
+    rollout = sample(model, *distributed.shard_rows(*prompts), cfg.rollout.max_new_tokens, cfg.rollout.temperature,
+                     cfg.rollout.top_p)
     t_rollout = time.perf_counter()
-    # 2. score: policy and reference log-probs, values, RM score (no gradient)
+    # 2. score: policy and reference log-probs, values, RM score (no gradient); several processes: then
+    #    every process holds the whole batch, so steps 3-4 and the logged means are global
     rollout = score(model, rollout, cfg.rollout.temperature, trainer.halver.micro_batch_size)
+    rollout = gather_rollout(rollout, model.tokenizer.pad_token_id)
     # 3. rewards: -beta * kl_t on every answer token, the RM score at the last one
     scores = score_penalties(rollout.rm_scores, rollout.ended_with_eos, cfg.rollout.no_eos_score,
                              cfg.rollout.score_clip)  # [B]
@@ -143,7 +148,8 @@ def train(cfg: PPOConfig) -> Path:
                              lambda position: setattr(ptx_batches, "position", position) if ptx_batches else None)
         start = run.begin(model, ["policy", "value"], trainer.optimizer, trainer.scheduler,
                           kl_controller=trainer.kl_ctl, generator=trainer.generator, ptx_position=ptx_position)
-        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
+        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it",
+                   disable=not distributed.is_main())
         for iteration in bar:
             t0 = time.perf_counter()
             result = ppo_iteration(cfg, model, trainer, prompt_batches.batch(iteration), iteration)

@@ -47,6 +47,22 @@ class Rollout:
         return Rollout(**picked)
 
 
+def gather_rollout(rollout: Rollout, pad_id: int) -> Rollout:
+    """Several processes (`rlhf/distributed.py`): every process's sampled and scored rows, in rank order, so
+    that rewards, advantages and their whitening, the KL and the logged means are those of the whole batch.
+    Answers are right-padded to the longest: pad tokens, masks False, zero log-probs and values, as one
+    process's sampler leaves a row that finished early. One process: `rollout` itself."""
+    from rlhf import distributed
+
+    if not distributed.active():
+        return rollout
+    for f in fields(rollout):
+        value = getattr(rollout, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(rollout, f.name, distributed.gather_rows(value, pad_id if f.name == "sequences" else 0))
+    return rollout
+
+
 def answer_mask_from(answers: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] sampled tokens -> (mask up to and including the first EOS [B, T], ended_with_eos [B]).
 

@@ -22,9 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf import distributed
 from rlhf.ppo.rollout import Rollout, answer_labels
 from rlhf.training import MicroBatchHalver, NonFiniteGuard, autocast
 from rlhf_kernels import fused_linear_ppo_loss, fused_linear_token_logprobs, ppo_value_loss
+
+
+# the statistics of one optimiser step (micro_batch_losses' stats, pg_loss, value_loss)
+UPDATE_STATS = ("clip_frac", "approx_kl", "entropy", "value_clip_frac", "pg_loss", "value_loss")
 
 
 @dataclass
@@ -101,6 +106,8 @@ def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer,
     ptx_tokens = (ptx["labels"] != -100).sum().clamp(min=1) if ptx is not None else None
     ptx_total = torch.zeros((), device=device)
     for index, micro_start in enumerate(range(0, len(mini), micro)):
+        if not distributed.mine(index):  # several processes: micro-batches dealt round-robin over them
+            continue
         mb = rollout.select(mini[micro_start:micro_start + micro])
         with autocast(device, s.precision):
             pg_loss, v_loss, ptx_nll, stats = micro_batch_losses(model, mb, s, _ptx_share(ptx, index, accumulation))
@@ -116,6 +123,10 @@ def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer,
             step_stats[key] = step_stats.get(key, 0.0) + value.detach().float() / accumulation
     if ptx is not None:
         step_stats["ptx_loss"] = ptx_total
+    if distributed.active():  # the mini-batch's loss and means: sums of every process's share
+        names = UPDATE_STATS + (("ptx_loss",) if ptx is not None else ())
+        sums = distributed.all_sums(loss_sum, *(step_stats.get(k, torch.zeros((), device=device)) for k in names))
+        loss_sum, step_stats = sums[0], dict(zip(names, sums[1:]))
     return loss_sum, step_stats
 
 
@@ -136,6 +147,7 @@ def ppo_epochs(model, rollout: Rollout, optimizer, scheduler, params: list[torch
             ptx = next_ptx_batch() if s.ptx_coef > 0 else None  # drawn once: a halved retry reuses the rows
             loss_sum, step_stats = halver.run(
                 lambda micro: _mini_batch_backward(model, rollout, mini, optimizer, s, micro, ptx), optimizer)
+            distributed.all_reduce_grads(params)  # several processes: the mini-batch's gradient
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             guard.step(optimizer, loss_sum, grad_norm, iteration, f"iteration {iteration} epoch {epoch} rows {mini.tolist()}")
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,196 @@
+"""Data parallelism on two CPU processes (gloo), launched the way a user launches it:
+`accelerate launch --multi_gpu --num_processes 2 -m rlhf <stage> ...` (`rlhf/distributed.py`).
+
+SFT and the RM on 2 processes give the 1-process adapters for the same global batch (fp32,
+quantization none, no dropout: within 1e-5; the sums only run in another order); rank 0 alone writes
+the run dir and every rank's random state; a checkpoint of 2 processes is not resumed by 1. The
+helpers' sharding and no-op behaviour are checked directly, with a faked rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import distributed
+from rlhf.config import load_config
+from rlhf.errors import ConfigError
+from rlhf.metrics import read_metrics
+from rlhf.reward import RMConfig
+from rlhf.reward import train as train_rm
+from rlhf.sft import SFTConfig
+from rlhf.sft import train as train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5  # fp32: the same sums in another order (measured: ~5e-8 on the adapters, 3e-6 on nothing)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(n: int, stage: str | None, overrides: dict[str, object], timeout_s: float = 300,
+           env: dict[str, str] | None = None, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes n -m rlhf <stage> --key value ...` in a subprocess
+    (or `... script args` for a test's own script)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port())] + (script or ["-m", "rlhf", stage])
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "OMP_NUM_THREADS": "1", "RLHF_KERNELS_BACKEND": "torch", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _max_diff(dir_a: Path, dir_b: Path, name: str) -> float:
+    a, b = load_file(dir_a / name), load_file(dir_b / name)
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def sft_overrides(world, out: Path) -> dict[str, object]:
+    # 32 rows per step: 16 per process on 2, in micro-batches of 8 (accumulation 2 on each)
+    return {"model.path": world.model, "model.quantization": "none", "model.lora_dropout": 0.0,
+            "data.path": world.sft, "out_dir": out, "device": "cpu", "precision": "fp32", "epochs": 1,
+            "batch_size": 32, "micro_batch_size": 8, "log_every": 2, "eval_every": 3, "checkpoint_every": 3}
+
+
+def rm_overrides(world, sft_dir: Path, out: Path) -> dict[str, object]:
+    return {"model.path": world.model, "model.quantization": "none", "data.path": world.rankings,
+            "sft_dir": sft_dir, "out_dir": out, "device": "cpu", "precision": "fp32", "batch_size": 8,
+            "micro_batch_size": 2, "log_every": 2, "eval_every": 6, "checkpoint_every": 100}
+
+
+def _config(cls, overrides: dict[str, object]):
+    return load_config(cls, overrides={k: v if isinstance(v, (int, float, bool)) else str(v)
+                                       for k, v in overrides.items()})
+
+
+@pytest.fixture(scope="module")
+def sft_runs(quick_toy_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp-sft")
+    one = train_sft(_config(SFTConfig, sft_overrides(quick_toy_world, root / "one")))
+    proc = launch(2, "sft", sft_overrides(quick_toy_world, root / "two"))
+    _check(proc)
+    return one, root / "two"
+
+
+def test_sft_on_two_processes_gives_the_one_process_adapter(sft_runs):
+    one, two = sft_runs
+    assert _max_diff(one / "policy", two / "policy", "adapter_model.safetensors") < TOLERANCE
+    # rank 0 alone logs: one row per logged step, and the global validation loss equals the 1-process one
+    rows_one, rows_two = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    assert rows_two[-1]["val_loss"] == pytest.approx(rows_one[-1]["val_loss"], abs=1e-5)
+    assert rows_two[-1]["train_loss"] == pytest.approx(rows_one[-1]["train_loss"], abs=1e-5)
+    state = torch.load(two / "checkpoints" / "step-00000006" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert "world_size" not in torch.load(one / "checkpoints" / "step-00000006" / "trainer_state.pt",
+                                          weights_only=False)  # a 1-process checkpoint is as it was
+
+
+def test_a_two_process_checkpoint_is_not_resumed_by_one_process(quick_toy_world, sft_runs, tmp_path):
+    _, two = sft_runs
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(two, unfinished)
+    (unfinished / "DONE").unlink()
+    shutil.rmtree(unfinished / "checkpoints" / "step-00000006")  # as if killed after step 3's checkpoint
+    with pytest.raises(ConfigError, match=r"written by a run on 2 process\(es\); this launch has 1. Resume with "
+                                          r"--num_processes 2"):
+        train_sft(_config(SFTConfig, sft_overrides(quick_toy_world, unfinished)))
+
+
+def test_rm_on_two_processes_gives_the_one_process_reward_model(quick_toy_world, sft_runs, tmp_path):
+    sft_dir, _ = sft_runs
+    one = train_rm(_config(RMConfig, rm_overrides(quick_toy_world, sft_dir, tmp_path / "one")))
+    _check(launch(2, "rm", rm_overrides(quick_toy_world, sft_dir, tmp_path / "two")))
+    two = tmp_path / "two"
+    assert _max_diff(one / "reward", two / "reward", "adapter_model.safetensors") < TOLERANCE
+    # the head, with the normalising offset taken over every process's share of the demonstrations
+    assert _max_diff(one / "reward", two / "reward", "head.safetensors") < TOLERANCE
+    last_one, last_two = read_metrics(one)[-1], read_metrics(two)[-1]
+    for key in ("val_loss", "val_pairwise_accuracy", "val_score_mean", "val_score_std", "offset"):
+        assert last_two[key] == pytest.approx(last_one[key], abs=1e-5), key
+
+
+def test_one_ppo_update_from_a_fixed_rollout_gives_the_same_weights_on_one_and_two_processes(quick_toy_world,
+                                                                                              tmp_path):
+    """tests/ddp_ppo_update_worker.py: 2 epochs x 2 mini-batches of 4 micro-batches, ptx rows shared out; on 2
+    processes each runs every other micro-batch and the gradients are summed before clipping."""
+    worker = ROOT / "tests" / "ddp_ppo_update_worker.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RLHF_KERNELS_BACKEND": "torch"}
+    one = subprocess.run([sys.executable, str(worker), str(quick_toy_world.model), str(tmp_path / "one.pt")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _check(one)
+    _check(launch(2, None, {}, script=[str(worker), str(quick_toy_world.model), str(tmp_path / "two.pt")]))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert len(one["params"]) == len(two["params"]) > 0
+    for a, b in zip(one["params"], two["params"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=TOLERANCE)
+    assert two["stats"].keys() == one["stats"].keys()
+    for key, value in one["stats"].items():  # the logged means are those of the whole mini-batches
+        assert two["stats"][key] == pytest.approx(value, abs=1e-5), key
+
+
+# ------------------------------------------------------------------ the helpers, with a faked rank
+@pytest.fixture
+def rank_of_two(monkeypatch):
+    def fake(rank: int) -> None:
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+    return fake
+
+
+def test_each_process_gets_an_equal_contiguous_share_of_the_global_batch(rank_of_two):
+    rank_of_two(1)
+    assert distributed.shard([10, 11, 12, 13, 14, 15], "batch_size") == [13, 14, 15]
+    assert distributed.eval_share([1, 2, 3, 4, 5]) == [3, 4, 5]  # evaluation: uneven by at most one
+    rank_of_two(0)
+    assert distributed.shard([10, 11, 12, 13, 14, 15], "batch_size") == [10, 11, 12]
+    assert distributed.eval_share([1, 2, 3, 4, 5]) == [1, 2]
+    with pytest.raises(ConfigError, match=r"batch_size=5 must be divisible by the number of processes \(2\)"):
+        distributed.shard([1, 2, 3, 4, 5], "batch_size")
+
+
+def test_rank_seeds_differ_and_rank_zero_keeps_the_seed(rank_of_two):
+    rank_of_two(0)
+    zero = distributed.rank_seed(7)
+    rank_of_two(1)
+    assert zero == 7 and distributed.rank_seed(7) != 7
+
+
+def test_not_launched_every_helper_returns_its_input_untouched():
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.all_sum(t) is t and t.tolist() == [1.0, 2.0]
+    rows = list(range(5))
+    assert distributed.shard(rows, "batch_size") == rows and distributed.eval_share(rows) is rows
+    assert distributed.gather_cat(t) is t and distributed.any_true(True) and not distributed.any_true(False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    distributed.all_reduce_grads([p])
+    assert p.grad.tolist() == [2.0, 2.0, 2.0]
+    assert distributed.on_main(lambda: 5, "x") == 5
+
+
+def test_a_bad_timeout_is_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ConfigError, match=r"RLHF_DISTRIBUTED_TIMEOUT_S='soon' is not a number of seconds"):
+        distributed.timeout_s()
