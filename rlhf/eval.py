@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import distributed
 from rlhf.config import save_config, validate
 from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_by_user, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
@@ -43,10 +44,12 @@ def _gold_judge(kind: str):
 
 @torch.no_grad()
 def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: EvalConfig) -> dict:
-    """Sample one answer per prompt from `role`; score it with the RM and the SFT reference."""
+    """Sample one answer per prompt from `role`; score it with the RM and the SFT reference.
+    Several processes: each samples its contiguous share of `prompts`; the results are gathered in order."""
     tokenizer = model.tokenizer
-    texts, rm_scores, kls, lengths = [], [], [], []
-    torch.manual_seed(cfg.seed)  # the same noise for every policy
+    prompts = distributed.eval_share(prompts)
+    texts, rm_scores, kls, lengths = [], [], [], [torch.zeros(0, device=model.device)]
+    torch.manual_seed(distributed.rank_seed(cfg.seed))  # the same noise for every policy
     for start in range(0, len(prompts), cfg.batch_size):
         rows = prompts[start:start + cfg.batch_size]
         padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
@@ -64,13 +67,18 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
         lengths.append(rollout.answer_mask.sum(dim=1).float())
         for answer, mask in zip(rollout.answers, rollout.answer_mask):
             texts.append(tokenizer.decode(answer[mask], skip_special_tokens=True).strip())
-    return {"answers": texts, "rm_scores": torch.cat(rm_scores), "kl": torch.cat(kls), "lengths": torch.cat(lengths)}
+    lengths = torch.cat(lengths)
+    rm_scores, kls = (torch.cat(rm_scores), torch.cat(kls)) if rm_scores else (lengths, lengths)
+    return {"answers": [t for part in distributed.gather_objects(texts) for t in part],
+            "rm_scores": distributed.gather_cat(rm_scores), "kl": distributed.gather_cat(kls),
+            "lengths": distributed.gather_cat(lengths)}
 
 
 @torch.no_grad()
 def pretrain_loss(model: RoleModel, role: str, chunks: list[dict], batch_size: int) -> float:
     nll, tokens = 0.0, 0
     pad_id = model.tokenizer.pad_token_id
+    chunks = distributed.eval_share(chunks)  # several processes: each its share, the sums all-reduced
     for start in range(0, len(chunks), batch_size):
         padded = pad_right([c["input_ids"] for c in chunks[start:start + batch_size]], pad_id)
         labels = shift_labels(padded["input_ids"], padded["answer_mask"]).to(model.device)  # [b, S]
@@ -79,6 +87,8 @@ def pretrain_loss(model: RoleModel, role: str, chunks: list[dict], batch_size: i
         valid = labels != -100
         nll -= (logprobs * valid).sum().item()
         tokens += int(valid.sum())
+    if distributed.active():
+        nll, tokens = (sum(part) for part in zip(*distributed.gather_objects((nll, tokens))))
     return nll / max(tokens, 1)
 
 
@@ -97,14 +107,18 @@ def format_table(result: dict) -> str:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Print the comparison table and write `<out_dir>/eval.json`; returns the same dict."""
+    """Print the comparison table and write `<out_dir>/eval.json`; returns the same dict.
+    Several processes: each samples its share of the held-out prompts; every mean and win rate is over all of
+    them (gathered), and rank 0 alone writes and prints."""
+    distributed.init()
     validate(cfg)
     cfg.check_inputs()
-    device = resolve_device(cfg.device)
+    device = distributed.place(resolve_device(cfg.device))
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "eval_config.yaml")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "eval_config.yaml")
     model = RoleModel(cfg.model, device=device)
     model.add_role("reference", adapter_dir=adapter_dir(cfg.sft_dir, "policy"))
     model.add_role("reward", adapter_dir=adapter_dir(cfg.rm_dir, "reward"), head="reward")
@@ -144,8 +158,10 @@ def evaluate(cfg: EvalConfig) -> dict:
             row["win_rate_vs_sft"] = sum(wins) / len(wins)
     result = {"policies": results, "n_prompts": len(prompts), "answers_per_prompt": cfg.answers_per_prompt,
               "win_rate_vs_sft": {n: r["win_rate_vs_sft"] for n, r in results.items() if "win_rate_vs_sft" in r}}
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(out / "eval.json")
-    print(format_table(result))
+    def write() -> None:
+        tmp = out / "eval.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        tmp.replace(out / "eval.json")
+        print(format_table(result))
+    distributed.on_main(write, "writing eval.json")
     return result

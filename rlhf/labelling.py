@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from rlhf import distributed
 from rlhf.data import load_records, pad_left, tokenize_prompts
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.ppo.rollout import sample
@@ -30,15 +31,19 @@ def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_
                     out_path: str | os.PathLike, rank: Callable[[str, list[str]], list[int]], k: int = 4,
                     max_new_tokens: int = 16, temperature: float = 1.0, max_prompt_length: int = 48,
                     batch_size: int = 64, seed: int = 0, device: torch.device | None = None) -> dict[str, int]:
-    """Write `{"prompt", "responses": [best..worst], "user_id"}` records to `out_path` (atomically)."""
+    """Write `{"prompt", "responses": [best..worst], "user_id"}` records to `out_path` (atomically).
+    Several processes: each samples and ranks its contiguous share of the prompts (its own random stream);
+    rank 0 writes the file in the prompts' order."""
     records = load_records(prompts_path, "prompts")
     model = RoleModel(model_cfg, device=device)
     model.add_role("policy", adapter_dir=adapter_dir(sft_dir, "policy"))
     tokenizer = model.tokenizer
     examples, _ = tokenize_prompts(records, tokenizer, max_prompt_length)
-    torch.manual_seed(seed)
+    examples = distributed.eval_share(examples)
+    torch.manual_seed(distributed.rank_seed(seed))
     rankings, skipped = [], 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="label", unit="batch"):
+    for start in tqdm(range(0, len(examples), batch_size), desc="label", unit="batch",
+                      disable=not distributed.is_main()):
         rows = examples[start:start + batch_size]
         padded = pad_left([e["input_ids"] for e in rows for _ in range(k)], tokenizer.pad_token_id)  # [b*K, P]
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
@@ -53,10 +58,15 @@ def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_
             order = rank(example["prompt"], answers)
             rankings.append({"prompt": example["prompt"], "responses": [answers[j] for j in order],
                              "user_id": example["user_id"]})
+    parts = distributed.gather_objects((rankings, skipped))
+    rankings, skipped = [r for part, _ in parts for r in part], sum(n for _, n in parts)
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rankings), encoding="utf-8")
-    os.replace(tmp, out_path)
+
+    def write() -> None:
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rankings), encoding="utf-8")
+        os.replace(tmp, out_path)
+    distributed.on_main(write, f"writing {out_path}")
     log.info("labelled %d prompts with %d sampled answers each; skipped %d with fewer than 2 distinct answers",
              len(rankings), k, skipped)
     return {"rankings": len(rankings), "skipped_fewer_than_2_distinct": skipped}

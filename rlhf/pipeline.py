@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from rlhf import distributed
 from rlhf.config import save_config, validate
 from rlhf.eval import evaluate
 from rlhf.models import ModelConfig
@@ -36,14 +37,18 @@ def _model(cfg: PipelineConfig, stage_model: ModelConfig, path: Path) -> ModelCo
 
 
 def run(cfg: PipelineConfig) -> dict:
-    """Run (or finish) every stage and return the evaluation result."""
+    """Run (or finish) every stage and return the evaluation result. Several processes
+    (`rlhf/distributed.py`): every stage runs on all of them; rank 0 writes the shared files."""
+    distributed.init()
     validate(cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "pipeline_config.yaml")
-    device = str(resolve_device(cfg.device))
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "pipeline_config.yaml")
+    device = str(resolve_device(cfg.device))  # each stage places its process on its own GPU
     if cfg.uses_toy():
-        world = write_toy_world(out / "toy", cfg.toy)  # returns at once when already complete
+        # returns at once when already complete; the others wait (within the distributed timeout)
+        world = distributed.on_main(lambda: write_toy_world(out / "toy", cfg.toy), "writing the toy world")
         model_path, sft_data, rankings, prompts, pretrain = (world.model, world.sft, world.rankings,
                                                              world.prompts, world.pretrain)
     else:

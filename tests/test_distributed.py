@@ -9,11 +9,14 @@ helpers' sharding and no-op behaviour are checked directly, with a faked rank.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,15 +43,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, stage: str | None, overrides: dict[str, object], timeout_s: float = 300,
-           env: dict[str, str] | None = None, script: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes n -m rlhf <stage> --key value ...` in a subprocess
-    (or `... script args` for a test's own script)."""
+def launch_command(n: int, stage: str | None, overrides: dict[str, object],
+                   script: list[str] | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port())] + (script or ["-m", "rlhf", stage])
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return cmd
+
+
+def launch(n: int, stage: str | None, overrides: dict[str, object], timeout_s: float = 300,
+           env: dict[str, str] | None = None, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes n -m rlhf <stage> --key value ...` in a subprocess
+    (or `... script args` for a test's own script)."""
+    cmd = launch_command(n, stage, overrides, script)
     full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "OMP_NUM_THREADS": "1", "RLHF_KERNELS_BACKEND": "torch", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout_s)
@@ -148,6 +157,77 @@ def test_one_ppo_update_from_a_fixed_rollout_gives_the_same_weights_on_one_and_t
         assert two["stats"][key] == pytest.approx(value, abs=1e-5), key
 
 
+def test_when_one_rank_is_killed_the_other_stops_naming_its_rank_and_resume_auto_finishes_the_run(
+        quick_toy_world, tmp_path):
+    """Kill rank 1 with SIGKILL once checkpoint 3 exists: rank 0's next collective fails (gloo sees the closed
+    connection; a silent peer would hit RLHF_DISTRIBUTED_TIMEOUT_S) and it stops with our message; the
+    launcher names the dead rank. The same command again resumes and ends with the 1-process adapter."""
+    import psutil
+
+    out = tmp_path / "killed"
+    overrides = {**sft_overrides(quick_toy_world, out), "epochs": 10, "eval_every": 1000}  # 60 steps
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RLHF_KERNELS_BACKEND": "torch",
+           distributed.TIMEOUT_ENV: "60"}
+    cmd = launch_command(2, "sft", overrides)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        checkpoint = out / "checkpoints" / "step-00000003"
+        while not checkpoint.is_dir() and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before rank 1 could be killed"
+        ranks = {c.environ().get("RANK"): c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "rlhf" in c.cmdline()}
+        ranks["1"].kill()
+        output, _ = proc.communicate(timeout=240)  # bounded: the others stop, they do not hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert not (out / "DONE").exists()
+    assert re.search(r"rank 0 of 2: \S+ failed: another process stopped or did not answer within 60 s", output), \
+        output[-3000:]
+    assert re.search(r"local_rank: 1 \(pid: \d+\)|rank\s*: 1", output), output[-3000:]  # the launcher names it
+    resumed = launch(2, "sft", overrides)
+    _check(resumed)
+    assert "sft: resumed from" in resumed.stderr
+    one = train_sft(_config(SFTConfig, {**overrides, "out_dir": tmp_path / "one"}))
+    assert _max_diff(one / "policy", out / "policy", "adapter_model.safetensors") < TOLERANCE
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == sorted(set(steps))  # the resumed log reads as one run
+
+
+QUICK_TOY = {"toy.n_users": 12, "toy.n_sft_prompts": 200, "toy.n_rm_prompts": 100, "toy.n_rl_prompts": 100,
+             "toy.n_pretrain_texts": 500, "toy.hidden_size": 64, "toy.pretrain_steps": 30, "toy.warmup_steps": 3,
+             "toy.batch_size": 32}  # = ToyConfig.quick(): the pipeline finds the quick world already written
+
+
+def test_the_pipeline_runs_end_to_end_on_two_processes(quick_toy_world, tmp_path):
+    """Labelling, SFT, RM, PPO, PPO-ptx and the evaluation, each on 2 processes (smallest sizes)."""
+    out = tmp_path / "pipeline"
+    shutil.copytree(quick_toy_world.root, out / "toy")
+    proc = launch(2, "pipeline", {
+        "out_dir": out, **QUICK_TOY, "quantization": "none", "device": "cpu", "rm_k": 4,
+        "sft.epochs": 1, "sft.batch_size": 16, "sft.micro_batch_size": 8, "sft.eval_every": 1000,
+        "rm.batch_size": 8, "rm.micro_batch_size": 4, "rm.eval_every": 1000,
+        "ppo.iterations": 2, "ppo.rollout.batch_size": 8, "ppo.mini_batch_size": 8, "ppo.micro_batch_size": 4,
+        "ppo.ppo_epochs": 1, "ppo.rollout.max_new_tokens": 8, "ppo.ptx_batch_size": 4,
+        "eval.data.max_prompts": 16, "eval.data.max_pretrain_chunks": 16, "eval.answers_per_prompt": 2},
+        timeout_s=600)
+    _check(proc)
+    assert "toy world already complete" in proc.stderr
+    for stage in ("sft", "rm", "ppo", "ppo_ptx"):
+        assert (out / stage / "DONE").is_file(), stage
+    # rank 0 alone logged: each PPO iteration once
+    assert [r["step"] for r in read_metrics(out / "ppo")] == [1, 2]
+    rankings = [json.loads(line) for line in (out / "rm_rankings.jsonl").read_text().splitlines()]
+    assert len(rankings) > 50 and all(len(r["responses"]) >= 2 for r in rankings)  # both ranks' shares
+    assert len({r["prompt"] for r in rankings}) == len(rankings)
+    result = json.loads((out / "eval.json").read_text())
+    assert list(result["policies"]) == ["sft", "ppo", "ppo_ptx"] and result["n_prompts"] == 16
+    assert set(result["win_rate_vs_sft"]) == {"ppo", "ppo_ptx"}
+    assert proc.stdout.count("held-out prompts: 16") == 1  # the table is printed once, by rank 0
+
+
 # ------------------------------------------------------------------ the helpers, with a faked rank
 @pytest.fixture
 def rank_of_two(monkeypatch):
@@ -194,3 +274,16 @@ def test_a_bad_timeout_is_refused_naming_the_variable(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(ConfigError, match=r"RLHF_DISTRIBUTED_TIMEOUT_S='soon' is not a number of seconds"):
         distributed.timeout_s()
+
+
+def test_an_out_of_memory_on_another_rank_halves_the_micro_batch_here_too(monkeypatch):
+    """This rank's step went through, another one ran out of memory: every rank halves and redoes the step."""
+    from rlhf.training import MicroBatchHalver
+
+    others_oom = iter([True, False])  # the all-reduced flag: set by another rank on the first attempt only
+    monkeypatch.setattr(distributed, "any_true", lambda flag, device=None: next(others_oom) or flag)
+    halver = MicroBatchHalver(8, True, "SFT training", ["micro_batch_size"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    sizes = []
+    assert halver.run(lambda micro: sizes.append(micro) or micro, optimizer) == 4
+    assert sizes == [8, 4] and halver.micro_batch_size == 4
