@@ -3,7 +3,7 @@
     <run>/config.yaml          the resolved config
     <run>/<role>/              peft adapter (+ head.safetensors for reward and value)
     <run>/checkpoints/step-N/  resumable state
-    <run>/metrics.jsonl, <stage>_metrics.png
+    <run>/metrics.jsonl, metrics.png
     <run>/DONE                 written last: the stage finished and its outputs are complete
 """
 
