@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
@@ -32,6 +31,7 @@ from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
 from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import ModelConfig, RoleModel
+from rlhf.progress import progress
 from rlhf.stage_dirs import adapter_dir, mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
                            MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
@@ -160,7 +160,7 @@ def demonstration_scores(model: RoleModel, examples: list[dict], batch_size: int
                          device: torch.device, precision: str) -> torch.Tensor:
     """RM scores of (prompt, demonstration) sequences. -> [n]"""
     scores = []
-    for start in range(0, len(examples), batch_size):
+    for start in progress(range(0, len(examples), batch_size), desc="rm demonstration scores", unit="batch"):
         rows = examples[start:start + batch_size]
         padded = _to(pad_right([e["input_ids"] for e in rows], pad_id), device)
         with autocast(device, precision):
@@ -249,7 +249,7 @@ def train(cfg: RMConfig) -> Path:
 
     halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "reward-model training",
                               ["micro_batch_size", "data.max_length"])
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
+    bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
     for step in bar:
         rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
         optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
@@ -24,6 +23,7 @@ from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
 from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import ModelConfig, RoleModel
+from rlhf.progress import progress
 from rlhf.stage_dirs import mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
                            MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
@@ -165,7 +165,7 @@ def train(cfg: SFTConfig) -> Path:
 
     halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "SFT training",
                               ["micro_batch_size", "data.max_length"])
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", unit="step")
+    bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="sft", unit="step")
     for step in bar:
         # each step's rows depend only on (seed, step): a resumed run sees the same batches
         rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)

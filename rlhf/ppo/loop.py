@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state,
                              save_checkpoint, save_trainer_state, set_rng_state)
@@ -29,6 +28,7 @@ from rlhf.ppo.kl_controller import KLController
 from rlhf.ppo.rewards import score_penalties, shape_rewards
 from rlhf.ppo.rollout import Rollout, sample, score
 from rlhf.ppo.update import UpdateSettings, ppo_epochs
+from rlhf.progress import progress
 from rlhf.stage_dirs import adapter_dir, mark_done
 from rlhf.training import (MicroBatchHalver, NonFiniteError, NonFiniteGuard, build_optimizer, cosine_schedule,
                            is_oom, oom_error, resolve_device, set_seed)
@@ -176,7 +176,7 @@ def train(cfg: PPOConfig) -> Path:
                 "ptx_position": ptx_batches.position if ptx_batches else 0})
         save_checkpoint(out, iteration, write, keep_last=cfg.keep_last, config=cfg)
 
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
+    bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
     for iteration in bar:
         t0 = time.perf_counter()
         try:
