@@ -110,7 +110,8 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
     tokenizer = model.tokenizer
     texts, rm_scores, kls, lengths = [], [], [], []
     torch.manual_seed(cfg.seed)  # the same noise for every policy
-    for start in progress(range(0, len(prompts), cfg.batch_size), desc=f"eval {role} samples", unit="batch"):
+    shown = "sft" if role == "reference" else role  # the SFT adapter is loaded as the reference role
+    for start in progress(range(0, len(prompts), cfg.batch_size), desc=f"eval {shown} samples", unit="batch"):
         rows = prompts[start:start + cfg.batch_size]
         padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
@@ -134,7 +135,8 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
 def pretrain_loss(model: RoleModel, role: str, chunks: list[dict], batch_size: int) -> float:
     nll, tokens = 0.0, 0
     pad_id = model.tokenizer.pad_token_id
-    for start in progress(range(0, len(chunks), batch_size), desc=f"eval {role} pretrain loss", unit="batch"):
+    shown = "sft" if role == "reference" else role
+    for start in progress(range(0, len(chunks), batch_size), desc=f"eval {shown} pretrain loss", unit="batch"):
         padded = pad_right([c["input_ids"] for c in chunks[start:start + batch_size]], pad_id)
         labels = shift_labels(padded["input_ids"], padded["answer_mask"]).to(model.device)  # [b, S]
         logprobs = model.token_logprobs(role, padded["input_ids"].to(model.device),

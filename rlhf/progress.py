@@ -4,8 +4,9 @@ tqdm writing to a file redraws its bar behind carriage returns, so a log file ge
 thousands of characters long, and no line a reader or `grep` can find the step, the metrics or the
 ETA in. `progress(...)` is a drop-in for `tqdm(...)`: when stderr is a terminal (or a notebook runs it)
 it *is* tqdm; otherwise it logs one INFO line on `rlhf.progress` after the first step, every `every`
-steps (about LINES_PER_LOOP lines a loop), at least every INTERVAL_S seconds (a slow loop still shows
-it is alive), and at the end:
+steps (about LINES_PER_LOOP lines a loop) but no closer than MIN_INTERVAL_S seconds apart (a fast loop
+is not worth a line a batch), at least every INTERVAL_S seconds (a slow loop still shows it is alive),
+and at the end:
 
     sft 120/912 (13%) train_loss=1.234 val_loss=1.456 | 2.31 step/s, elapsed 0:52, ETA 5:43
 
@@ -24,6 +25,7 @@ log = logging.getLogger("rlhf.progress")
 
 LINES_PER_LOOP = 20  # ours: a loop's lines fit on one screen of the log
 INTERVAL_S = 60.0  # ours: the longest a log goes without a line while a loop runs
+MIN_INTERVAL_S = 2.0  # ours: the shortest time between two lines (but the first and last)
 EVERY_WITHOUT_TOTAL = 100  # steps between lines when the loop's length is unknown
 
 
@@ -61,7 +63,7 @@ class LogProgress:
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
                  unit: str = "it", initial: int = 0, every: int | None = None, interval_s: float = INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 min_interval_s: float = MIN_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # as tqdm: the iterable's length, not counting `initial`
         if every is None:
@@ -70,7 +72,7 @@ class LogProgress:
             raise ValueError(f"every must be >= 1, got {every}")
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.n = self.initial = initial
-        self.every, self.interval_s, self.clock = every, interval_s, clock
+        self.every, self.interval_s, self.min_interval_s, self.clock = every, interval_s, min_interval_s, clock
         self.postfix: dict[str, str] = {}
         self.start_t = self.last_line_t = clock()
         self.last_line_n: int | None = None
@@ -105,8 +107,9 @@ class LogProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = self.clock()
+        since_line = now - self.last_line_t
         if (self.n == self.initial + n  # the first step: the loop runs, and what a step costs
-                or self.n % self.every == 0 or now - self.last_line_t >= self.interval_s):
+                or (self.n % self.every == 0 and since_line >= self.min_interval_s) or since_line >= self.interval_s):
             self._line(now)
 
     def close(self) -> None:

@@ -80,11 +80,21 @@ def test_a_resumed_loop_counts_from_initial_and_times_only_its_own_steps(log_fil
 
 def test_default_every_gives_about_twenty_lines_and_update_works_without_iterating(log_file_stderr, caplog):
     caplog.set_level(logging.INFO, logger="rlhf.progress")
-    with progress(total=1000, desc="label", unit="batch") as bar:
+    clock = FakeClock(step_s=1.0)
+    with LogProgress(total=1000, desc="label", unit="batch", clock=clock) as bar:
         for _ in range(1000):
+            clock.now += clock.step_s
             bar.update()
     counts = [line.split()[1] for line in lines(caplog)]
     assert counts[:3] == ["1/1000", "50/1000", "100/1000"] and counts[-1] == "1000/1000" and len(counts) == 21
+
+
+def test_a_fast_loop_logs_no_closer_than_the_minimum_interval_but_always_its_first_and_last_step(
+        log_file_stderr, caplog):
+    caplog.set_level(logging.INFO, logger="rlhf.progress")
+    clock = FakeClock(step_s=0.5)  # every=1 wants a line a step; 2 s apart at least gives one every 4 steps
+    run_loop(LogProgress(range(10), desc="rm demonstration scores", unit="batch", every=1, clock=clock), clock)
+    assert [line.split()[3] for line in lines(caplog)] == ["1/10", "5/10", "9/10", "10/10"]
 
 
 def test_a_terminal_gets_the_tqdm_bar_and_no_log_lines(monkeypatch, caplog):
@@ -110,9 +120,9 @@ def test_without_logging_configured_the_lines_go_to_stderr_without_carriage_retu
             "for i in bar: bar.set_postfix(loss=f'{1 / (i + 1):.3f}')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert "\r" not in proc.stderr
+    # a fast loop: its first and last steps (the lines between are MIN_INTERVAL_S apart at least)
     assert [line.split(" |")[0] for line in proc.stderr.splitlines()] == [
-        "toy pretrain 1/5 (20%) loss=1.000", "toy pretrain 2/5 (40%) loss=0.500",
-        "toy pretrain 4/5 (80%) loss=0.250", "toy pretrain 5/5 (100%) loss=0.200"]
+        "toy pretrain 1/5 (20%) loss=1.000", "toy pretrain 5/5 (100%) loss=0.200"]
     assert all("ETA" in line for line in proc.stderr.splitlines())
 
 
