@@ -72,7 +72,7 @@ def test_metrics_append_truncate_on_resume_and_plot(tmp_path):
     for step in range(1, 6):
         logger.log(step, {"train_loss": torch.tensor(1.0 / step), "bad": float("nan")})
     logger.close()
-    assert (tmp_path / "sft_metrics.png").is_file()
+    assert (tmp_path / "metrics.png").is_file()
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[0]["bad"] == "nan"
     # a crash cut the last line in half: reading stops there instead of failing
