@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 from safetensors import SafetensorError
 
-from rlhf.checkpoint_state import (PICKLED_FILE, STRUCTURE_FILE, CheckpointError, check_rng_state,
-                                   load_trainer_state, pickled_state_refusal, rng_state, save_trainer_state,
-                                   set_rng_state)
+from rlhf.checkpoint_state import (HOW_TO_RESTART, PICKLED_FILE, PICKLED_REFUSAL, STRUCTURE_FILE,
+                                   CheckpointError, check_rng_state, load_trainer_state, rng_state,
+                                   save_trainer_state, set_rng_state)
 from rlhf.config import read_yaml, save_config, to_dict
 from rlhf.errors import ConfigError
 
@@ -144,7 +144,7 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         return f"unreadable {MARKER} marker ({type(err).__name__})"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         if (path / PICKLED_FILE).is_file():
-            return pickled_state_refusal(path).split(": ", 1)[1]
+            return PICKLED_REFUSAL
         return f"its {MARKER} marker holds no manifest (written by an older version or by hand), so it cannot be verified"
     step = _step_of(path.name, "step-")
     if step is not None and manifest.get("step") != step:
@@ -325,7 +325,7 @@ def _newest_verified(run_dir: Path) -> Path | None:
         newest, problem = failed[0]
         raise CheckpointError(
             f"resume=auto: none of the {len(failed)} checkpoints in {root} can be used (newest, {newest.name}: "
-            f"{problem}); to start again, move {root} away or write to another --out")
+            f"{problem}); {HOW_TO_RESTART}")
     if leftovers:
         log.warning("resume=auto: no complete checkpoint in %s, only leftovers of interrupted saves (%s), "
                     "removed; starting fresh", root, ", ".join(leftovers))

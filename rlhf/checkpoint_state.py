@@ -41,10 +41,9 @@ class CheckpointError(RLHFError):
     """A checkpoint cannot be used: corrupted, incomplete, or in a format we refuse to load."""
 
 
-def pickled_state_refusal(directory: Path) -> str:
-    return (f"{directory / PICKLED_FILE}: written by an older version of rlhf-lean as a pickle; not loaded, "
-            "because unpickling a file runs any code it holds. Resume from a checkpoint written by this "
-            "version, or start the run again (--resume '' with another --out)")
+PICKLED_REFUSAL = (f"{PICKLED_FILE} was written by an older version of rlhf-lean as a pickle; not loaded, "
+                   "because unpickling a file runs any code it holds")
+HOW_TO_RESTART = "start the run again into another --out (or move the checkpoints away)"
 
 
 def save_trainer_state(directory: Path, state: dict[str, Any]) -> None:
@@ -64,7 +63,7 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     """The state `save_trainer_state` wrote, tensors on the CPU; CheckpointError (one line) if unreadable."""
     directory = Path(directory)
     if not (directory / STRUCTURE_FILE).is_file() and (directory / PICKLED_FILE).is_file():
-        raise CheckpointError(pickled_state_refusal(directory))
+        raise CheckpointError(f"{directory}: {PICKLED_REFUSAL}; {HOW_TO_RESTART}")
     try:
         structure = json.loads((directory / STRUCTURE_FILE).read_bytes().decode("utf-8"),
                                parse_constant=_refuse_constant)
