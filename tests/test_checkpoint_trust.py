@@ -478,3 +478,35 @@ def test_11_a_pickle_payload_model_is_a_one_line_model_error(tiny_model_dir, tmp
         load_base_model(cfg, load_tokenizer(cfg.path), torch.device("cpu"))
     assert "pytorch_model.bin holds more than plain weights" in one_line(err)
     assert not proof.exists()
+
+
+# ---- 3. end to end: a stage resumed past a corrupted checkpoint ends as if never stopped ------
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_3_sft_resumed_past_a_corrupted_checkpoint_matches_the_uninterrupted_run(quick_toy_world, tmp_path, caplog):
+    import shutil
+
+    from rlhf.config import load_config
+    from rlhf.sft import SFTConfig
+    from rlhf.sft import train as train_sft
+
+    def config(out: Path, **overrides) -> SFTConfig:
+        fields = {"model.path": str(quick_toy_world.model), "model.quantization": "none", "device": "cpu",
+                  "data.path": str(quick_toy_world.sft), "out_dir": str(out), "epochs": 1, "batch_size": 32,
+                  "micro_batch_size": 32, "log_every": 2, "eval_every": 1000, "checkpoint_every": 2, "keep_last": 2}
+        return load_config(SFTConfig, overrides={**fields, **overrides})
+
+    reference, run = train_sft(config(tmp_path / "reference")), tmp_path / "run"
+    train_sft(config(run))
+    # as if killed right after the last checkpoint, whose adapter then took 64 random bytes
+    (run / "DONE").unlink()
+    shutil.rmtree(run / "policy")
+    newest = latest_checkpoint(run)
+    _flip_bytes(newest / "policy" / "adapter_model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="rlhf.checkpoint"):
+        train_sft(config(run, resume="auto"))
+    assert f"{newest} cannot be used: policy/adapter_model.safetensors does not match its checksum" in caplog.text
+    assert "resuming from" in caplog.text
+    expected = load_file(str(reference / "policy" / "adapter_model.safetensors"))
+    got = load_file(str(run / "policy" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
