@@ -153,12 +153,14 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     for name, expected in sorted(manifest["files"].items()):
         if name not in on_disk:
             return f"{name} is missing"
+        if not isinstance(expected, dict):
+            return f"its manifest entry for {name} is garbled"
         try:
             if on_disk[name].stat().st_size != expected.get("size"):
                 return f"{name} has {on_disk[name].stat().st_size} bytes, the manifest says {expected.get('size')}"
             if _sha256(on_disk[name]) != expected.get("sha256"):
                 return f"{name} does not match its checksum (corrupted or changed after the save)"
-        except (OSError, AttributeError) as err:
+        except OSError as err:
             return f"{name} unreadable ({describe_os_error(err, name)})"
     extra = sorted(set(on_disk) - set(manifest["files"]))
     if extra:
