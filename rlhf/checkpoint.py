@@ -145,7 +145,8 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         if (path / PICKLED_FILE).is_file():
             return PICKLED_REFUSAL
-        return f"its {MARKER} marker holds no manifest (written by an older version or by hand), so it cannot be verified"
+        return (f"its {MARKER} marker holds no manifest (written by an older version or by hand), "
+                "so it cannot be verified")
     step = _step_of(path.name, "step-")
     if step is not None and manifest.get("step") != step:
         return f"its manifest is for step {manifest.get('step')!r}, not {path.name}"
@@ -348,7 +349,8 @@ def _set_aside(failed: list[tuple[Path, str]]) -> None:
             os.rename(path, target)
             log.warning("set %s aside as %s", path.name, target.name)
         except OSError as err:
-            raise CheckpointError(f"resume=auto: cannot set aside a bad checkpoint: {describe_os_error(err, path)}") from None
+            raise CheckpointError(
+                f"resume=auto: cannot set aside a bad checkpoint: {describe_os_error(err, path)}") from None
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -8,11 +8,14 @@ monkeypatches one call of the save path to `os._exit(9)` at that moment, and the
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,13 +24,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import rlhf.checkpoint as checkpoint
+import rlhf.checkpoint_state as checkpoint_state
 from rlhf.checkpoint import (CHECKPOINTS, MARKER, CheckpointError, describe_os_error, latest_checkpoint,
                              load_trainer_state, resolve_resume, rng_state, save_checkpoint, save_trainer_state,
                              verify_checkpoint)
+from rlhf.config import load_config
+from rlhf.data import load_records
 from rlhf.errors import DataError, ModelError, RLHFError
+from rlhf.models.base import load_base_model, load_tokenizer
+from rlhf.models.config import ModelConfig
 from rlhf.ppo.kl_controller import KLController
+from rlhf.sft import SFTConfig
+from rlhf.sft import train as train_sft
 from rlhf.training import NonFiniteGuard, OptimConfig, build_optimizer, cosine_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +93,7 @@ def write_state(state: dict):
 
 
 def write_parts(step: int):
-    """What a stage writes: an adapter dir with safetensors + JSON, and the trainer state."""
+    """What a stage writes: an adapter dir with safetensors + JSON, and the trainer state (KILL_CHILD has a copy)."""
     def write(directory: Path) -> None:
         (directory / "policy").mkdir()
         save_file({"lora_A": torch.full((4, 4), float(step)), "lora_B": torch.arange(16.0).view(4, 4)},
@@ -191,7 +203,6 @@ def _break_rng_keeping_the_manifest(checkpoint: Path) -> None:
     structure["rng"]["python"] = {"__tuple__": [3, [1, 2, 3], None]}
     (checkpoint / "trainer_state.json").write_text(json.dumps(structure))
     marker = json.loads((checkpoint / MARKER).read_text())
-    import hashlib
     data = (checkpoint / "trainer_state.json").read_bytes()
     marker["files"]["trainer_state.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (checkpoint / MARKER).write_text(json.dumps(marker))
@@ -204,7 +215,8 @@ FAULTS = {
                                          "trainer_state.safetensors does not match its checksum"),
     "4: truncated adapter": (lambda c: _truncate(c / "policy" / "adapter_model.safetensors"),
                              "policy/adapter_model.safetensors has .* bytes, the manifest says"),
-    "4: truncated trainer state": (lambda c: _truncate(c / "trainer_state.safetensors"), "trainer_state.safetensors has"),
+    "4: truncated trainer state": (lambda c: _truncate(c / "trainer_state.safetensors"),
+                                   "trainer_state.safetensors has"),
     "4: unreadable JSON": (lambda c: (c / "policy" / "adapter_config.json").write_text("{"),
                            "adapter_config.json has 1 bytes"),
     "4: missing file": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
@@ -219,8 +231,6 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_3_4_a_damaged_checkpoint_is_named_and_the_older_one_is_used(tmp_path, caplog, fault):
-    from rlhf.sft import SFTConfig
-
     damage, reason = FAULTS[fault]
     config = SFTConfig(out_dir=str(tmp_path))
     for step in (3, 6):
@@ -230,7 +240,6 @@ def test_3_4_a_damaged_checkpoint_is_named_and_the_older_one_is_used(tmp_path, c
         assert resolve_resume(tmp_path, "auto", config) == step_dir(tmp_path, 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step-00000006 cannot be used" in w for w in warnings), warnings
-    import re
     assert any(re.search(reason, w) for w in warnings), warnings
     assert any("resuming from" in w and "step-00000003" in w for w in warnings)
     # what the stage then reads loads without a traceback
@@ -271,18 +280,12 @@ def test_7_describe_os_error():
     assert describe_os_error(OSError(errno.EROFS, "Read-only file system"), "/r") == "/r: read-only file system"
     assert describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/r/c"), "/r") == \
         "/r/c: permission denied"
-    from safetensors import SafetensorError
     assert describe_os_error(SafetensorError("Error while serializing: I/O error: No space left on device "
                                              "(os error 28)"), "/r/a") == "/r/a: no space left on device"
 
 
 @pytest.mark.parametrize("where", ["trainer state", "adapter (safetensors)", "mkdir (read-only)", "publish rename"])
 def test_7_an_os_error_while_saving_is_one_line_and_loses_nothing(tmp_path, monkeypatch, where):
-    from safetensors import SafetensorError
-
-    import rlhf.checkpoint as checkpoint
-    import rlhf.checkpoint_state as checkpoint_state
-
     save_checkpoint(tmp_path, 1, write_parts(1))
     save_checkpoint(tmp_path, 2, write_parts(2))
     before = {p: p.read_bytes() for p in (tmp_path / CHECKPOINTS).rglob("*") if p.is_file()}
@@ -325,11 +328,20 @@ def test_7_an_os_error_while_saving_is_one_line_and_loses_nothing(tmp_path, monk
 # ---- kills inside the write, the re-save (8) and the prune (9) -------------------------------
 
 KILL_CHILD = textwrap.dedent("""
-    import os, shutil, sys
+    import json, os, shutil, sys
     from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
     import rlhf.checkpoint as checkpoint
-    sys.path.insert(0, {tests!r})
-    from test_checkpoint_trust import write_parts
+
+    def write_parts(step):  # as the test module's, without importing it (its imports are heavy)
+        def write(directory):
+            (directory / "policy").mkdir()
+            save_file({"lora_A": torch.full((4, 4), float(step)), "lora_B": torch.arange(16.0).view(4, 4)},
+                      str(directory / "policy" / "adapter_model.safetensors"))
+            (directory / "policy" / "adapter_config.json").write_text(json.dumps({"r": 4}))
+            checkpoint.save_trainer_state(directory, {"step": step, "rng": checkpoint.rng_state()})
+        return write
 
     run, point = Path(sys.argv[1]), sys.argv[2]
     for step in (1, 2):
@@ -369,7 +381,7 @@ KILL_CHILD = textwrap.dedent("""
 
 def kill_inside(run: Path, point: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", KILL_CHILD.format(tests=str(ROOT / "tests")), str(run), point],
+    proc = subprocess.run([sys.executable, "-c", KILL_CHILD, str(run), point],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 9, proc.stderr[-2000:]
 
@@ -430,8 +442,6 @@ def test_9_a_half_pruned_dir_left_by_an_older_version_is_removed_by_the_next_sav
 
 
 def test_9_prune_removes_the_marker_first(tmp_path, monkeypatch):
-    import rlhf.checkpoint as checkpoint
-
     seen = []
     real_rmtree = checkpoint.shutil.rmtree
     monkeypatch.setattr(checkpoint.shutil, "rmtree",
@@ -444,8 +454,6 @@ def test_9_prune_removes_the_marker_first(tmp_path, monkeypatch):
 # ---- 10. a lone surrogate in a text field ----------------------------------------------------
 
 def test_10_a_lone_surrogate_is_a_data_error_or_a_counted_skip(tmp_path):
-    from rlhf.data import load_records
-
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "x \\ud800 y", "completion": "c"}\n')
     with pytest.raises(DataError) as err:
@@ -462,11 +470,6 @@ def test_10_a_lone_surrogate_is_a_data_error_or_a_counted_skip(tmp_path):
 # ---- 11. a model whose pytorch_model.bin is a pickle payload ---------------------------------
 
 def test_11_a_pickle_payload_model_is_a_one_line_model_error(tiny_model_dir, tmp_path):
-    import shutil
-
-    from rlhf.models.base import load_base_model, load_tokenizer
-    from rlhf.models.config import ModelConfig
-
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir("llama"), model_dir)
     (model_dir / "model.safetensors").unlink()
@@ -484,12 +487,6 @@ def test_11_a_pickle_payload_model_is_a_one_line_model_error(tiny_model_dir, tmp
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_3_sft_resumed_past_a_corrupted_checkpoint_matches_the_uninterrupted_run(quick_toy_world, tmp_path, caplog):
-    import shutil
-
-    from rlhf.config import load_config
-    from rlhf.sft import SFTConfig
-    from rlhf.sft import train as train_sft
-
     def config(out: Path, **overrides) -> SFTConfig:
         fields = {"model.path": str(quick_toy_world.model), "model.quantization": "none", "device": "cpu",
                   "data.path": str(quick_toy_world.sft), "out_dir": str(out), "epochs": 1, "batch_size": 32,
