@@ -7,6 +7,7 @@ body whose output is the LM head's input, and the LoRA settings that fit its arc
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -112,6 +113,10 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTra
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load a causal LM from '{cfg.path}': {err}") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is more than tensors
+        raise ModelError(f"cannot load a causal LM from '{cfg.path}': its pytorch_model.bin holds more than "
+                         "plain weights (a pickle that could run code), so it was not loaded; use a "
+                         "model.safetensors copy of the model") from None
     if cfg.quantization == "none":
         model.to(device)
     else:
