@@ -96,6 +96,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<10}" + "".join(cells))
     lines.append(f"held-out prompts: {result['n_prompts']} (users not seen in training), "
                  f"{result.get('answers_per_prompt', 1)} sampled answers each")
+    rows = result["policies"].values()
+    if not any(row.get("gold_score") is not None for row in rows):
+        lines.append("gold_score, win_rate_vs_sft: - (they need a gold judge: --gold toy, the toy world's; "
+                     "your own data has none)")
+    if not any(row.get("pretrain_loss") is not None for row in rows):
+        lines.append("pretrain_loss: - (needs pretraining text: --pretrain pretrain.jsonl)")
     return "\n".join(lines)
 
 
