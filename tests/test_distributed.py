@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf import distributed
+from rlhf.checkpoint import load_trainer_state
 from rlhf.config import load_config
 from rlhf.errors import ConfigError
 from rlhf.metrics import read_metrics
@@ -108,10 +109,11 @@ def test_sft_on_two_processes_gives_the_one_process_adapter(sft_runs):
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
     assert rows_two[-1]["val_loss"] == pytest.approx(rows_one[-1]["val_loss"], abs=1e-5)
     assert rows_two[-1]["train_loss"] == pytest.approx(rows_one[-1]["train_loss"], abs=1e-5)
-    state = torch.load(two / "checkpoints" / "step-00000006" / "trainer_state.pt", weights_only=False)
+    state = load_trainer_state(two / "checkpoints" / "step-00000006")
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
-    assert "world_size" not in torch.load(one / "checkpoints" / "step-00000006" / "trainer_state.pt",
-                                          weights_only=False)  # a 1-process checkpoint is as it was
+    assert state["rng_per_rank"][0]["torch"].ne(state["rng_per_rank"][1]["torch"]).any()  # a stream per rank
+    # a 1-process checkpoint is as it was
+    assert "world_size" not in load_trainer_state(one / "checkpoints" / "step-00000006")
 
 
 def test_a_two_process_checkpoint_is_not_resumed_by_one_process(quick_toy_world, sft_runs, tmp_path):
