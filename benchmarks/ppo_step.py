@@ -31,6 +31,11 @@ Usage:
   python -m benchmarks.ppo_step --shape tiny --providers ours --profile   # + per-step timers, op table
   python -m benchmarks.ppo_step --shape 0.5b --batch 64 --answer-len 128 --peer trl   # GPU
   python -m benchmarks.ppo_step --shape 8b --batch 16 --answer-len 1024 --lora-r 16   # GPU
+  python -m benchmarks.ppo_step --smoke --num_processes 2            # data parallel, 2 CPU processes (gloo)
+  python -m benchmarks.ppo_step --shape 0.5b --batch 64 --answer-len 128 --num_processes 2   # 2 GPUs (NCCL)
+With --num_processes N, ours runs under `accelerate launch --multi_gpu --num_processes N` (rlhf/distributed.py):
+--batch stays the global rollout batch (B / N prompts sampled per process), and the table adds the total
+and per-process tokens/s (on a CPU the processes share the cores: the figure is informational).
 Writes JSON (default benchmarks/results/ppo_step-<shape>-<quant>-<device>[-smoke].json) with the device,
 torch/triton/transformers/peft/bitsandbytes/trl versions, the commit and the date.
 """
@@ -72,8 +77,11 @@ def run_ours(settings: dict) -> dict:
     from rlhf.ppo.loop import build_trainer, ppo_iteration
     from rlhf.training import set_seed
 
+    from rlhf import distributed
+
     os.environ.setdefault("RLHF_KERNELS_BACKEND", "auto")
-    device = torch.device(settings["device"])
+    distributed.init()  # several processes: each on its own device, sampling B / N prompts
+    device = distributed.place(torch.device(settings["device"]))
     B, T, P = settings["batch"], settings["answer_len"], settings["prompt_len"]
     vocab = shape_from_json(settings["shape"]).vocab
     cfg = PPOConfig(
@@ -110,7 +118,10 @@ def run_ours(settings: dict) -> dict:
         texts = prompt_texts(cfg.ptx_batch_size * 4, settings["ptx_len"] - 1, vocab, seed=1)  # + EOS
         ptx = PretrainBatches([{"text": t, "source": f"bench-ptx:{i}", "user_id": None} for i, t in enumerate(texts)],
                               model.tokenizer, cfg.ptx_batch_size, settings["ptx_len"], seed=0, device=device)
-    trainer = build_trainer(cfg, model, ptx)
+    from rlhf.training import MicroBatchHalver, NonFiniteGuard
+
+    trainer = build_trainer(cfg, model, ptx, NonFiniteGuard(cfg.max_nonfinite_in_a_row),
+                            MicroBatchHalver(cfg.micro_batch_size, False, "PPO iteration", []))
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize()
@@ -127,6 +138,8 @@ def run_ours(settings: dict) -> dict:
             raise RuntimeError(f"expected {B * T} answer tokens, got {answer_tokens}: fixed-length generation failed")
         rows.append({"total_s": total, **result.timings_s, "other_s": total - sum(result.timings_s.values())})
     out = finish(rows[settings["warmup"]:], settings, load_s, on_gpu, device)
+    out["num_processes"] = distributed.world_size()
+    out["per_process_tokens_per_s"] = out["total_tokens_per_s"] / distributed.world_size()
     if settings.get("profile"):
         out["profile"] = profile_iteration(cfg, model, trainer, prompts.batch(0), cfg.iterations, device)
     return out
@@ -258,8 +271,25 @@ def worker_command(provider: str, settings_path: Path, out_path: Path) -> list[s
         extra = ["--no-gc"] if provider == "trl-nogc" else []
         return [str(TRL_PYTHON), "-m", "benchmarks.trl_peer", "--settings", str(settings_path), "--out",
                 str(out_path), *extra]
-    return [sys.executable, "-m", "benchmarks.ppo_step", "--worker", str(settings_path), "--worker-out",
+    launcher = []
+    if settings_processes(settings_path) > 1:  # data parallel: accelerate starts N workers (gloo on CPU)
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                    str(settings_processes(settings_path)), "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    return [sys.executable, *launcher, "-m", "benchmarks.ppo_step", "--worker", str(settings_path), "--worker-out",
             str(out_path)]
+
+
+def settings_processes(settings_path: Path) -> int:
+    return json.loads(settings_path.read_text()).get("num_processes", 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_provider(provider: str, settings: dict, workdir: Path, timeout: float | None = None) -> dict:
@@ -365,8 +395,10 @@ def settings_from(args, model_dir: Path, device: torch.device) -> dict:
             "answer_len": args.answer_len, "prompt_len": args.prompt_len, "ppo_epochs": args.ppo_epochs,
             "ptx_coef": args.ptx_coef, "ptx_batch": args.ptx_batch, "ptx_len": args.ptx_len,
             "warmup": args.warmup, "iterations": args.iterations,
-            "gradient_checkpointing": args.gradient_checkpointing, "threads": torch.get_num_threads(),
-            "profile": args.profile}
+            "gradient_checkpointing": args.gradient_checkpointing,
+            # N processes on one CPU share its cores
+            "threads": max(1, torch.get_num_threads() // args.num_processes),
+            "profile": args.profile, "num_processes": args.num_processes}
 
 
 def parse_args(argv=None):
@@ -397,8 +429,14 @@ def parse_args(argv=None):
     parser.add_argument("--model-dir", help="reuse (or create) the random model here instead of a temp dir")
     parser.add_argument("--out", help="JSON path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--num_processes", type=int, default=1,
+                        help="ours: data parallel over N processes (accelerate launch; --batch stays global)")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.num_processes < 1:
+        parser.error(f"--num_processes must be at least 1, got {args.num_processes}")
+    if args.num_processes > 1 and (args.peer or any(p.startswith("trl") for p in args.providers or [])):
+        parser.error("--num_processes runs ours only (TRL's peer here is single-process); drop --peer / trl providers")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.smoke:
@@ -413,7 +451,11 @@ def main(argv=None):
     if args.worker:
         settings = json.loads(Path(args.worker).read_text())
         torch.set_num_threads(settings["threads"])
-        write_json(Path(args.worker_out), run_ours(settings))
+        result = run_ours(settings)
+        from rlhf import distributed
+
+        if distributed.is_main():
+            write_json(Path(args.worker_out), result)
         return
     device = torch.device(args.device)
     providers = args.providers or (["ours", "ours-noptx", "trl", "trl-nogc"] if args.peer else ["ours"])
@@ -454,6 +496,10 @@ def main(argv=None):
           f"{s['ptx_len']} (ours only) | {s['warmup']} warm-up + {s['iterations']} timed iterations"
           f"{f' x {args.rounds} rounds' if args.rounds > 1 else ''}")
     print_table(results, device.type == "cuda")
+    for provider, r in results.items():
+        if r.get("num_processes", 1) > 1:
+            print(f"{LABELS[provider]} on {r['num_processes']} processes: {r['total_tokens_per_s']:.1f} tokens/s in "
+                  f"total, {r['per_process_tokens_per_s']:.1f} per process")
     for provider, r in results.items():
         for base in ("trl", "trl-nogc"):
             per_round = r.get(f"rounds_x_faster_than_{base}")

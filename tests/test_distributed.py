@@ -101,6 +101,7 @@ def sft_runs(quick_toy_world, tmp_path_factory):
     return one, root / "two"
 
 
+@pytest.mark.slow
 def test_sft_on_two_processes_gives_the_one_process_adapter(sft_runs):
     one, two = sft_runs
     assert _max_diff(one / "policy", two / "policy", "adapter_model.safetensors") < TOLERANCE
@@ -116,6 +117,7 @@ def test_sft_on_two_processes_gives_the_one_process_adapter(sft_runs):
     assert "world_size" not in load_trainer_state(one / "checkpoints" / "step-00000006")
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_is_not_resumed_by_one_process(quick_toy_world, sft_runs, tmp_path):
     _, two = sft_runs
     unfinished = tmp_path / "unfinished"
@@ -127,6 +129,7 @@ def test_a_two_process_checkpoint_is_not_resumed_by_one_process(quick_toy_world,
         train_sft(_config(SFTConfig, sft_overrides(quick_toy_world, unfinished)))
 
 
+@pytest.mark.slow
 def test_rm_on_two_processes_gives_the_one_process_reward_model(quick_toy_world, sft_runs, tmp_path):
     sft_dir, _ = sft_runs
     one = train_rm(_config(RMConfig, rm_overrides(quick_toy_world, sft_dir, tmp_path / "one")))
@@ -140,6 +143,7 @@ def test_rm_on_two_processes_gives_the_one_process_reward_model(quick_toy_world,
         assert last_two[key] == pytest.approx(last_one[key], abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_one_ppo_update_from_a_fixed_rollout_gives_the_same_weights_on_one_and_two_processes(quick_toy_world,
                                                                                               tmp_path):
     """tests/ddp_ppo_update_worker.py: 2 epochs x 2 mini-batches of 4 micro-batches, ptx rows shared out; on 2
@@ -159,6 +163,7 @@ def test_one_ppo_update_from_a_fixed_rollout_gives_the_same_weights_on_one_and_t
         assert two["stats"][key] == pytest.approx(value, abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_when_one_rank_is_killed_the_other_stops_naming_its_rank_and_resume_auto_finishes_the_run(
         quick_toy_world, tmp_path):
     """Kill rank 1 with SIGKILL once checkpoint 3 exists: rank 0's next collective fails (gloo sees the closed
@@ -203,6 +208,7 @@ QUICK_TOY = {"toy.n_users": 12, "toy.n_sft_prompts": 200, "toy.n_rm_prompts": 10
              "toy.batch_size": 32}  # = ToyConfig.quick(): the pipeline finds the quick world already written
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_end_to_end_on_two_processes(quick_toy_world, tmp_path):
     """Labelling, SFT, RM, PPO, PPO-ptx and the evaluation, each on 2 processes (smallest sizes)."""
     out = tmp_path / "pipeline"
@@ -228,6 +234,19 @@ def test_the_pipeline_runs_end_to_end_on_two_processes(quick_toy_world, tmp_path
     assert list(result["policies"]) == ["sft", "ppo", "ppo_ptx"] and result["n_prompts"] == 16
     assert set(result["win_rate_vs_sft"]) == {"ppo", "ppo_ptx"}
     assert proc.stdout.count("held-out prompts: 16") == 1  # the table is printed once, by rank 0
+
+
+@pytest.mark.slow
+def test_the_ppo_step_benchmark_on_two_processes_reports_total_and_per_process_tokens_per_s(tmp_path):
+    out = tmp_path / "ppo_step.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ppo_step", "--smoke", "--num_processes", "2", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _check(proc)
+    ours = json.loads(out.read_text())["results"]["ours"]
+    assert ours["num_processes"] == 2
+    assert ours["per_process_tokens_per_s"] == pytest.approx(ours["total_tokens_per_s"] / 2)
+    assert re.search(r"on 2 processes: [\d.]+ tokens/s in total, [\d.]+ per process", proc.stdout)
 
 
 # ------------------------------------------------------------------ the helpers, with a faked rank
