@@ -34,7 +34,10 @@ def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_
     """Write `{"prompt", "responses": [best..worst], "user_id"}` records to `out_path` (atomically).
     Several processes: each samples and ranks its contiguous share of the prompts (its own random stream);
     rank 0 writes the file in the prompts' order."""
+    distributed.init()
     records = load_records(prompts_path, "prompts")
+    if device is not None:  # several processes: each on its own GPU
+        device = distributed.place(torch.device(device))
     model = RoleModel(model_cfg, device=device)
     model.add_role("policy", adapter_dir=adapter_dir(sft_dir, "policy"))
     tokenizer = model.tokenizer

@@ -98,7 +98,8 @@ def train(cfg: SFTConfig) -> Path:
                 micro_batches = [_batch(train_examples, rows[i:i + micro], pad_id, device)
                                  for i in range(0, len(rows), micro)]
                 # the token count of the whole global batch: each process's gradient is its share of the sum
-                total_tokens = distributed.all_sum(sum((mb["labels"] != -100).sum() for mb in micro_batches)).clamp(min=1)
+                tokens = sum((mb["labels"] != -100).sum() for mb in micro_batches)
+                total_tokens = distributed.all_sum(tokens).clamp(min=1)
                 loss_sum = torch.zeros((), device=device)
                 for mb in micro_batches:
                     with autocast(device, cfg.precision):
