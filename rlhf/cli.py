@@ -57,6 +57,8 @@ def _usage() -> str:
     lines = ["usage: rlhf <command> [--config FILE.yaml] [--field value ...]", "", "commands:"]
     lines += [f"  {name:<9} {cmd.summary}" for name, cmd in COMMANDS.items()]
     lines += ["", "`rlhf <command> --help` lists every field of that command's config, with its default and why.",
+              "`rlhf <command> --num_processes N ...` runs it data-parallel on N processes",
+              "(= accelerate launch --multi_gpu --num_processes N -m rlhf <command> ...).",
               "`rlhf --version` prints the version."]
     return "\n".join(lines)
 
@@ -122,6 +124,31 @@ def parse_overrides(args: list[str], aliases: dict[str, str]) -> tuple[str | Non
     return config_path, overrides, want_help
 
 
+def _num_processes(rest: list[str]) -> tuple[int, list[str]]:
+    """`--num_processes N` (or `=N`) taken out of the arguments -> (N, the other arguments); N = 1 if absent."""
+    for i, arg in enumerate(rest):
+        if arg == "--num_processes" or arg.startswith("--num_processes="):
+            value = arg.partition("=")[2] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
+            others = rest[:i] + rest[i + (1 if "=" in arg else 2):]
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--num_processes: expected a whole number >= 1, got {value!r}")
+            return int(value), others
+    return 1, rest
+
+
+def _launch(name: str, n: int, rest: list[str]) -> int:
+    """Run `rlhf <name> ...` on `n` processes through accelerate (the same as `accelerate launch --multi_gpu
+    --num_processes n -m rlhf <name> ...`): DDP over NCCL on GPUs, gloo on CPU."""
+    import subprocess
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--num_processes is for a plain `rlhf` command; under `accelerate launch` or torchrun "
+                          "the launcher's --num_processes decides")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf", name, *rest]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -137,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[name]
     # progress lines: the `rlhf` logger prints them as it does for Python API users (rlhf/__init__.py)
     try:
+        processes, rest = _num_processes(rest)
+        if processes > 1 and name == "toy":
+            raise ConfigError("--num_processes: `rlhf toy` writes the toy world in one process")
+        if processes > 1 and not {"-h", "--help"} & set(rest):
+            return _launch(name, processes, rest)
         config_cls = getattr(importlib.import_module(cmd.config_module), cmd.config)
         config_path, overrides, want_help = parse_overrides(rest, dict(cmd.aliases))
         if want_help:

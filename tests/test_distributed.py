@@ -133,7 +133,14 @@ def test_a_two_process_checkpoint_is_not_resumed_by_one_process(quick_toy_world,
 def test_rm_on_two_processes_gives_the_one_process_reward_model(quick_toy_world, sft_runs, tmp_path):
     sft_dir, _ = sft_runs
     one = train_rm(_config(RMConfig, rm_overrides(quick_toy_world, sft_dir, tmp_path / "one")))
-    _check(launch(2, "rm", rm_overrides(quick_toy_world, sft_dir, tmp_path / "two")))
+    # the `rlhf <stage> --num_processes N` shortcut (the CLI runs accelerate launch --multi_gpu for us)
+    cli = [sys.executable, "-m", "rlhf", "rm", "--num_processes", "2"]
+    for key, value in rm_overrides(quick_toy_world, sft_dir, tmp_path / "two").items():
+        cli += [f"--{key}", str(value)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RLHF_KERNELS_BACKEND": "torch"}
+    proc = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _check(proc)
+    assert "rank 1 of 2 joined the process group" in proc.stderr
     two = tmp_path / "two"
     assert _max_diff(one / "reward", two / "reward", "adapter_model.safetensors") < TOLERANCE
     # the head, with the normalising offset taken over every process's share of the demonstrations
@@ -308,3 +315,15 @@ def test_an_out_of_memory_on_another_rank_halves_the_micro_batch_here_too(monkey
     sizes = []
     assert halver.run(lambda micro: sizes.append(micro) or micro, optimizer) == 4
     assert sizes == [8, 4] and halver.micro_batch_size == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sft", "--num_processes", "two"], "--num_processes: expected a whole number >= 1, got 'two'"),
+    (["sft", "--num_processes=0"], "--num_processes: expected a whole number >= 1, got '0'"),
+    (["toy", "--num_processes", "2"], "--num_processes: `rlhf toy` writes the toy world in one process"),
+])
+def test_the_num_processes_shortcut_refuses_a_bad_value(args, message, capsys):
+    from rlhf.cli import main
+
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
