@@ -102,7 +102,6 @@ class PPOConfig:
     keep_last: int = 2  # ours: checkpoints kept on disk
     resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
     overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
-    log_every: int = 1
     seed: int = 0
     device: str = "auto"  # cuda when available, else cpu
     precision: str = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
