@@ -24,6 +24,7 @@ import torch
 from transformers import set_seed  # noqa: F401  (re-exported: the stages and benchmarks seed with it)
 
 from rlhf.errors import ConfigError, RLHFError
+from rlhf.models.base import resolve_device  # noqa: F401  (re-exported for the stages, eval and pipeline)
 
 log = logging.getLogger("rlhf.training")
 
@@ -80,14 +81,6 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast("cuda", dtype=dtype)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{name}' requested but CUDA is not available; use device=cpu")
-    return torch.device(name)
 
 
 class NonFiniteError(RLHFError):
