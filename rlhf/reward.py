@@ -17,22 +17,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from rlhf.config import require_path
 from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import DataError
 from rlhf.metrics import postfix
-from rlhf.models import ModelConfig, RoleModel
+from rlhf.models import RoleModel
 from rlhf.stage_dirs import adapter_dir
+from rlhf.reward_config import RMConfig, RMData  # noqa: F401  (re-exported: `from rlhf.reward import RMConfig`)
+from rlhf.progress import progress
 from rlhf.stage_run import StageRun
-from rlhf.training import OptimConfig, autocast, build_optimizer, cosine_schedule
+from rlhf.training import autocast, build_optimizer, cosine_schedule
 
 log = logging.getLogger("rlhf.reward")
 
@@ -57,67 +56,6 @@ def ranking_loss(scores: torch.Tensor, prompt_index: torch.Tensor, rank: torch.T
     loss = (pair_loss * weight).sum() / n_prompts
     accuracy = ((diff > 0) & pairs).sum() / pairs.sum().clamp(min=1)
     return loss, accuracy
-
-
-@dataclass
-class RMData:
-    path: str = ""  # rankings {"prompt", "responses": [best, ..., worst]} or pairwise {"chosen", "rejected"}
-    demonstrations: str = ""  # SFT demonstrations whose mean score is shifted to 0; "" = the best answers
-    val_fraction: float = 0.1  # ours: held-out users (split by user id)
-    max_length: int = 64  # ours: toy sequences are < 40 tokens
-    use_chat_template: bool = False
-    skip_invalid: bool = False
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-
-
-@dataclass
-class RMConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: RMData = field(default_factory=RMData)
-    sft_dir: str = ""  # SFT run dir: the reward adapter starts from its policy adapter; "" = from scratch
-    out_dir: str = "runs/rm"
-    epochs: int = 1  # InstructGPT RM: one epoch (more overfits)
-    batch_size: int = 8  # ours: prompts (each with all its K answers) per optimiser step
-    micro_batch_size: int = 8  # ours: prompts per forward
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, min_lr_ratio=0.1))
-    # lr ours (LoRA, tiny model); cosine decay as InstructGPT's RM schedule
-    margin: float = 0.0  # Llama 2 style margin; InstructGPT uses none
-    center_coef: float = 0.0  # Eisenstein et al. 2023 / TRL center_rewards_coefficient; off as InstructGPT
-    eval_every: int = 50
-    log_every: int = 5
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
-    overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
-    max_nonfinite_in_a_row: int = 3
-    auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size={self.batch_size} must be a positive multiple of "
-                              f"micro_batch_size={self.micro_batch_size}")
-        if self.center_coef < 0:
-            raise ConfigError(f"center_coef must be >= 0, got {self.center_coef}")
-        if min(self.eval_every, self.log_every, self.checkpoint_every, self.keep_last) < 1:
-            raise ConfigError("eval_every, log_every, checkpoint_every and keep_last must be >= 1")
-
-    def check_inputs(self) -> None:
-        """The paths this run reads exist (before any model loads)."""
-        require_path(self.model.path, "model.path", "model directory")
-        require_path(self.data.path, "data.path", "rankings file (--data rankings.jsonl)")
-        if self.data.demonstrations:
-            require_path(self.data.demonstrations, "data.demonstrations", "demonstrations file")
-        if self.sft_dir:
-            adapter_dir(self.sft_dir, "policy")
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -159,7 +97,7 @@ def demonstration_scores(model: RoleModel, examples: list[dict], batch_size: int
                          device: torch.device, precision: str) -> torch.Tensor:
     """RM scores of (prompt, demonstration) sequences. -> [n]"""
     scores = []
-    for start in range(0, len(examples), batch_size):
+    for start in progress(range(0, len(examples), batch_size), desc="rm demonstration scores", unit="batch"):
         rows = examples[start:start + batch_size]
         padded = _to(pad_right([e["input_ids"] for e in rows], pad_id), device)
         with autocast(device, precision):
@@ -219,7 +157,7 @@ def train(cfg: RMConfig) -> Path:
         running = torch.zeros(2, device=device)  # loss and accuracy summed since the last log line
         start = run.begin(model, ["reward"], optimizer, scheduler, running=running)
         pad_id = tokenizer.pad_token_id
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
+        bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
         for step in bar:
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
 
