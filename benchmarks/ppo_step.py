@@ -118,10 +118,7 @@ def run_ours(settings: dict) -> dict:
         texts = prompt_texts(cfg.ptx_batch_size * 4, settings["ptx_len"] - 1, vocab, seed=1)  # + EOS
         ptx = PretrainBatches([{"text": t, "source": f"bench-ptx:{i}", "user_id": None} for i, t in enumerate(texts)],
                               model.tokenizer, cfg.ptx_batch_size, settings["ptx_len"], seed=0, device=device)
-    from rlhf.training import MicroBatchHalver, NonFiniteGuard
-
-    trainer = build_trainer(cfg, model, ptx, NonFiniteGuard(cfg.max_nonfinite_in_a_row),
-                            MicroBatchHalver(cfg.micro_batch_size, False, "PPO iteration", []))
+    trainer = build_trainer(cfg, model, ptx)
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize()

@@ -169,7 +169,6 @@ def train(cfg: RMConfig) -> Path:
         for step in bar:
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
             rows = distributed.shard(rows, "batch_size")  # several processes: this one's share of the prompts
-            optimizer.zero_grad(set_to_none=True)
 
             def forward_backward(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
                 # the micro-batches of the whole global batch: the loss is the mean over all prompts
@@ -190,10 +189,8 @@ def train(cfg: RMConfig) -> Path:
             distributed.all_reduce_grads(params)  # several processes: the global batch's gradient
             distributed.all_sum(loss_sum)
             distributed.all_sum(acc_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            run.guard.step(optimizer, loss_sum, grad_norm, step,
-                           f"rankings {[train_examples[r]['source'] for r in rows[:4]]}...")
-            scheduler.step()
+            grad_norm = run.optimizer_step(params, loss_sum, step,
+                                           f"rankings {[train_examples[r]['source'] for r in rows[:4]]}...")
             running += torch.stack([loss_sum, acc_sum])
             done = step + 1
             row = {}

@@ -11,9 +11,10 @@ import torch
 from rlhf import distributed
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.ppo.rollout import Rollout, answer_hidden, answer_labels
-from rlhf.ppo.update import UpdateSettings, ppo_epochs
-from rlhf.training import MicroBatchHalver, NonFiniteGuard, build_optimizer, cosine_schedule
 from rlhf.optim_config import OptimConfig
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.loop import build_trainer
+from rlhf.ppo.update import ppo_epochs
 from rlhf_kernels import fused_linear_token_logprobs
 
 B, P, T, L = 8, 6, 5, 7  # rollout rows, prompt and answer tokens; ptx row length
@@ -39,6 +40,16 @@ def fixed_rollout(model: RoleModel, generator: torch.Generator) -> Rollout:
     return rollout
 
 
+class FixedPtx:
+    """The same pretraining rows for every mini-batch (as PretrainBatches.next is called)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def next(self) -> dict[str, torch.Tensor]:
+        return self.batch
+
+
 def main(model_dir: str, out: str) -> None:
     distributed.init()
     torch.manual_seed(0)
@@ -55,14 +66,11 @@ def main(model_dir: str, out: str) -> None:
     ptx_ids = torch.randint(4, V, (4, L), generator=generator)
     ptx = {"input_ids": ptx_ids, "attention_mask": torch.ones_like(ptx_ids, dtype=torch.bool),
            "labels": torch.cat([ptx_ids[:, 1:], torch.full((4, 1), -100)], dim=1)}
-    settings = UpdateSettings(ppo_epochs=2, mini_batch_size=4, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1,
-                              ptx_coef=0.5, temperature=1.0, max_grad_norm=1.0, precision="fp32")
-    optim = OptimConfig(lr=1e-2, warmup_steps=0)
-    optimizer = build_optimizer(params, optim)
-    scheduler = cosine_schedule(optimizer, 1, optim)
-    halver = MicroBatchHalver(1, False, "PPO update", ["micro_batch_size"])  # 4 micro-batches per mini-batch
-    stats = ppo_epochs(model, rollout, optimizer, scheduler, params, settings, torch.Generator().manual_seed(0),
-                       lambda: ptx, NonFiniteGuard(3), 0, halver)
+    cfg = PPOConfig(ppo_epochs=2, mini_batch_size=4, micro_batch_size=1,  # 4 micro-batches per mini-batch
+                    ptx_coef=0.5, iterations=1, precision="fp32",
+                    optim=OptimConfig(lr=1e-2, warmup_steps=0, adam_eps=1e-5))
+    trainer = build_trainer(cfg, model, FixedPtx(ptx))
+    stats = ppo_epochs(cfg, model, rollout, trainer, 0)
     if distributed.is_main():
         torch.save({"params": [p.detach().clone() for p in params],
                     "stats": {k: float(v) for k, v in stats.items()}}, out)
