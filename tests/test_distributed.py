@@ -179,7 +179,7 @@ def test_when_one_rank_is_killed_the_other_stops_naming_its_rank_and_resume_auto
     import psutil
 
     out = tmp_path / "killed"
-    overrides = {**sft_overrides(quick_toy_world, out), "epochs": 10, "eval_every": 1000}  # 60 steps
+    overrides = {**sft_overrides(quick_toy_world, out), "epochs": 6, "eval_every": 1000}  # 36 steps
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RLHF_KERNELS_BACKEND": "torch",
            distributed.TIMEOUT_ENV: "60"}
     cmd = launch_command(2, "sft", overrides)
