@@ -73,6 +73,8 @@ def init() -> None:
     PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=seconds))
     log.info("rank %d of %d joined the process group (%s, timeout %.0f s)", rank(), world_size(),
              tdist.get_backend(), seconds)
+    if rank() > 0:  # one progress line per step, rank 0's, not N copies of it
+        logging.getLogger("rlhf.progress").setLevel(logging.WARNING)
 
 
 def active() -> bool:
