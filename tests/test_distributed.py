@@ -130,6 +130,17 @@ def test_a_two_process_checkpoint_is_not_resumed_by_one_process(quick_toy_world,
 
 
 @pytest.mark.slow
+def test_an_error_on_rank_zero_stops_every_rank_with_its_message(quick_toy_world, sft_runs):
+    """Rank 0 alone opens the run dir; its refusal reaches rank 1, which would otherwise wait for it."""
+    sft_dir, two = sft_runs
+    proc = launch(2, "rm", rm_overrides(quick_toy_world, sft_dir, two))  # an SFT run dir: refused
+    assert proc.returncode != 0
+    assert f"run dir {two} holds a sft run, not a rm one" in proc.stderr
+    assert re.search(r"rank 1 of 2: opening run dir \S+ failed on rank 0: ConfigError: run dir \S+ holds a sft "
+                     r"run, not a rm one", proc.stderr), proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_rm_on_two_processes_gives_the_one_process_reward_model(quick_toy_world, sft_runs, tmp_path):
     sft_dir, _ = sft_runs
     one = train_rm(_config(RMConfig, rm_overrides(quick_toy_world, sft_dir, tmp_path / "one")))
