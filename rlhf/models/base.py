@@ -23,8 +23,11 @@ log = logging.getLogger("rlhf.models")
 PAD_TOKEN = "<pad>"
 
 # LoRA targets for target_modules="auto": every attention and MLP projection (QLoRA: adapting all
-# linear layers is what matches full fine-tuning). Families not listed fall back to "all-linear".
+# linear layers is what matches full fine-tuning). MoE families: attention and the shared expert's
+# projections; the routed experts only when named (peft wraps them as parameters, without dropout
+# or the row-mixed forward). Families not listed fall back to "all-linear".
 _LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LORA_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "llama": _LLAMA_STYLE_TARGETS,
     "mistral": _LLAMA_STYLE_TARGETS,
@@ -32,7 +35,16 @@ LORA_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "qwen3": _LLAMA_STYLE_TARGETS,
     "gemma": _LLAMA_STYLE_TARGETS,
     "gemma2": _LLAMA_STYLE_TARGETS,
+    "gemma3_text": _LLAMA_STYLE_TARGETS,
+    "cohere": _LLAMA_STYLE_TARGETS,
+    "granite": _LLAMA_STYLE_TARGETS,
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused q/k/v and gate/up
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # c_proj names both the attention output and the MLP output
+    "qwen3_moe": _ATTENTION_TARGETS,  # no shared expert
+    "qwen2_moe": _ATTENTION_TARGETS + ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
+    "mixtral": _ATTENTION_TARGETS,
 }
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -207,8 +219,9 @@ def lora_target_modules(model: PreTrainedModel, setting: str | list[str]) -> str
     if preset is None:
         log.info("no LoRA target preset for model type %r; using all-linear", model.config.model_type)
         return "all-linear"
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [name for name in preset if name in present]
+    names = [name for name, _ in model.named_modules()]
+    # peft's rule: a target matches a module whose dotted name is it or ends with "." + it
+    targets = [target for target in preset if any(name == target or name.endswith("." + target) for name in names)]
     return targets or "all-linear"
 
 
