@@ -684,3 +684,69 @@ def test_parts_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, 
     with torch.no_grad():
         assert torch.equal(model.hidden_states("policy", input_ids, attention_mask), separate[0])
     assert not any(layer._forward_hooks for layer in model._switch.lora_layers)
+
+
+def test_row_slices_of_stacked_and_flattened_layer_inputs():
+    from rlhf.models.row_mixing import RowRoles, RowsNotAligned, _row_sizes
+
+    rows = RowRoles((("policy", 0, 2), ("value", 2, 5)), seq_len=4)
+    assert _row_sizes(rows, torch.zeros(5, 4, 8)) == [2, 3]  # [R, S, H]
+    assert _row_sizes(rows, torch.zeros(20, 8)) == [8, 12]  # [R * S, H] (OPT's fc1/fc2)
+    with pytest.raises(RowsNotAligned, match=r"LoRA layer input \(7, 8\) is neither \[5, 4, \.\.\.\] nor \[20, \.\.\.\]"):
+        _row_sizes(rows, torch.zeros(7, 8))  # tokens gathered per MoE expert
+
+
+def test_parts_fall_back_to_separate_forwards_when_rows_are_not_aligned(tiny_model_dir, monkeypatch):
+    # a LoRA layer whose input is not the stacked rows (an MoE expert's gathered tokens) cannot be
+    # split by role: hidden_states_of_parts must give the separate forwards' result and stay usable
+    from rlhf.models import adapter_switch
+    from rlhf.models.row_mixing import RowsNotAligned
+
+    model = make_model(tiny_model_dir("llama"))
+    for seed, role in enumerate(ROLES):
+        perturb(model, role, seed)
+    input_ids, attention_mask = batch()
+    parts = [("policy", input_ids, attention_mask), ("value", input_ids, attention_mask)]
+    with torch.no_grad():
+        separate = [model.hidden_states(role, ids, mask) for role, ids, mask in parts]
+
+    def misaligned(rows, layer, x, output):
+        raise RowsNotAligned("gathered tokens")
+
+    monkeypatch.setattr(adapter_switch, "add_row_deltas", misaligned)
+    with torch.no_grad():
+        together = model.hidden_states_of_parts(parts)
+    assert model._row_mixing_failed
+    for a, b in zip(together, separate):
+        assert torch.equal(a, b)
+    assert not any(layer._forward_hooks for layer in model._switch.lora_layers)
+    with torch.no_grad():
+        assert torch.equal(model.hidden_states("policy", input_ids, attention_mask), separate[0])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lora_r", 4, r"model\.lora_r=4 cannot apply to the adapter loaded from '.*sft', which keeps its own values "
+                  r"\(r=16, lora_alpha=32, target_modules=\['down_proj', .*\]\); drop the option or give those values"),
+    ("lora_alpha", 8.0, r"model\.lora_alpha=8\.0 cannot apply to the adapter loaded from"),
+    ("target_modules", ["q_proj"], r"model\.target_modules=\['q_proj'\] cannot apply to the adapter loaded from"),
+])
+def test_lora_options_that_cannot_apply_to_a_loaded_adapter_are_refused(tiny_model_dir, tmp_path, option, value,
+                                                                        message):
+    # an RM or PPO run with --model.lora_r 4 over an r=16 SFT adapter would otherwise train r=16 silently
+    make_model(tiny_model_dir("llama"), roles=("policy",)).save_role("policy", tmp_path / "sft")
+    later = RoleModel(ModelConfig(path=str(tiny_model_dir("llama")), quantization="none", **{option: value}))
+    with pytest.raises(ModelError, match=message):
+        later.add_role("reward", adapter_dir=tmp_path / "sft", head="reward")
+    later.add_role("fresh")  # a fresh role takes the options
+    config = later._peft_model.peft_config["fresh"]
+    assert {"lora_r": config.r, "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules)}[option] == value
+
+
+def test_lora_options_equal_to_the_adapters_own_are_accepted(tiny_model_dir, tmp_path):
+    # a pipeline passes the SFT run's options to every stage
+    options = dict(lora_r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"])
+    make_model(tiny_model_dir("llama"), roles=("policy",), **options).save_role("policy", tmp_path / "sft")
+    later = RoleModel(ModelConfig(path=str(tiny_model_dir("llama")), quantization="none", **options))
+    later.add_role("reward", adapter_dir=tmp_path / "sft", head="reward")
+    assert later._peft_model.peft_config["reward"].r == 4
