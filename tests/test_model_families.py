@@ -183,3 +183,30 @@ def test_moe_preset_adapts_attention_and_trains_with_dropout(family_dir):
     input_ids, attention_mask = batch(seq_len=6)
     model.token_logprobs("policy", input_ids, attention_mask, input_ids).sum().backward()
     assert all(p.grad is not None for p in model.parameters("policy"))
+
+
+def test_moe_experts_adapted_only_when_named(family_dir, tmp_path):
+    # experts named by the user go to peft's target_parameters; they take no dropout, and the
+    # row-mixed forward falls back to one forward per role (the expert update is not a Linear's)
+    model_dir = family_dir("qwen3_moe")
+    with pytest.raises(ModelError, match=r"model\.target_modules names expert parameters \['experts\.gate_up_proj'\], "
+                                         r"which peft adapts without dropout: set model\.lora_dropout 0"):
+        make_model(model_dir, roles=("policy",), target_modules=["q_proj", "experts.gate_up_proj"], lora_dropout=0.1)
+    model = make_model(model_dir, roles=("policy", "value"), target_modules=["q_proj", "experts.gate_up_proj"])
+    for seed, role in enumerate(("policy", "value")):
+        perturb(model, role, seed)
+    assert set(model._peft_model.peft_config["policy"].target_parameters) == {"experts.gate_up_proj"}
+    assert not {"policy", "value"} & model._row_mixable
+    input_ids, attention_mask = batch(seq_len=6)
+    parts = [("policy", input_ids, attention_mask), ("value", input_ids, attention_mask)]
+    with torch.no_grad():
+        together = model.hidden_states_of_parts(parts)
+        separate = [model.hidden_states(role, ids, mask) for role, ids, mask in parts]
+        bare = model.hidden_states(None, input_ids, attention_mask)
+    assert all(torch.equal(a, b) for a, b in zip(together, separate))
+    assert not torch.allclose(separate[0], bare)
+    model.save_role("policy", tmp_path / "policy")  # and it reloads, with the same options accepted
+    reloaded = make_model(model_dir, roles=(), target_modules=["q_proj", "experts.gate_up_proj"])
+    reloaded.add_role("policy", adapter_dir=tmp_path / "policy")
+    with torch.no_grad():
+        assert torch.equal(reloaded.hidden_states("policy", input_ids, attention_mask), separate[0])

@@ -39,8 +39,11 @@ def save_adapter(peft_model: PeftModel, adapter: str, out_dir: Path, conv1d_targ
 
 
 def _targets(lora_config: LoraConfig) -> set[str]:
-    targets = lora_config.target_modules
-    return {targets} if isinstance(targets, str) else set(targets or ())
+    """The adapter's target modules and (MoE expert) target parameters."""
+    found = set()
+    for targets in (lora_config.target_modules, getattr(lora_config, "target_parameters", None)):
+        found |= {targets} if isinstance(targets, str) else set(targets or ())
+    return found
 
 
 def read_lora_config(adapter_dir: Path) -> LoraConfig:

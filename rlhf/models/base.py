@@ -220,8 +220,7 @@ def lora_target_modules(model: PreTrainedModel, setting: str | list[str]) -> str
         log.info("no LoRA target preset for model type %r; using all-linear", model.config.model_type)
         return "all-linear"
     names = [name for name, _ in model.named_modules()]
-    # peft's rule: a target matches a module whose dotted name is it or ends with "." + it
-    targets = [target for target in preset if any(name == target or name.endswith("." + target) for name in names)]
+    targets = [target for target in preset if _matches(target, names)]
     return targets or "all-linear"
 
 
@@ -231,13 +230,38 @@ def has_conv1d(model: nn.Module) -> bool:
     return any(isinstance(module, Conv1D) for module in model.modules())
 
 
+def _matches(target: str, names: list[str]) -> bool:
+    """peft's rule: a target matches a dotted name that is it or ends with "." + it."""
+    return any(name == target or name.endswith("." + target) for name in names)
+
+
+def split_expert_parameters(model: PreTrainedModel, targets: str | list[str]) -> tuple[str | list[str], list[str]]:
+    """(module targets, parameter targets): names in an explicit list that match no module but a
+    parameter (MoE experts stored as one [experts, ...] tensor, e.g. Qwen3-MoE's
+    `experts.gate_up_proj`) go to peft's `target_parameters`."""
+    if not isinstance(targets, list):
+        return targets, []
+    # once peft wrapped a layer, its original weights sit under ".base_layer"
+    module_names = [name.replace(".base_layer", "") for name, _ in model.named_modules()]
+    parameter_names = [name.replace(".base_layer", "") for name, _ in model.named_parameters()]
+    parameters = [t for t in targets if not _matches(t, module_names) and _matches(t, parameter_names)]
+    return [t for t in targets if t not in parameters], parameters
+
+
 def new_lora_config(cfg: ModelConfig, model: PreTrainedModel) -> LoraConfig:
     """A fresh adapter's LoRA settings for this base (standard init: B = 0, so it starts as the base)."""
+    modules, parameters = split_expert_parameters(model, lora_target_modules(model, cfg.target_modules))
+    if parameters and cfg.lora_dropout != 0:
+        raise ModelError(
+            f"model.target_modules names expert parameters {parameters}, which peft adapts without dropout: "
+            f"set model.lora_dropout 0 (got {cfg.lora_dropout}) or leave the experts out"
+        )
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=lora_target_modules(model, cfg.target_modules),
+        target_modules=modules or None,
+        target_parameters=parameters or None,
         fan_in_fan_out=has_conv1d(model),
         bias="none",  # adapters add no biases, so disabling them gives the base exactly
         task_type="CAUSAL_LM",  # so PeftModel.from_pretrained(base, dir) rebuilds a PeftModelForCausalLM
