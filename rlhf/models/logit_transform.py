@@ -60,6 +60,8 @@ def check_logits_reproduced(causal_lm: nn.Module, decoder: nn.Module, transform:
                             device: torch.device) -> None:
     """Refuse a model whose logits are not `transform(decoder_output @ W.T + b)` on a short probe."""
     head = causal_lm.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ModelError(f"{type(causal_lm).__name__} has no LM head weight to compute log-probs with")
     vocab_size = head.weight.shape[0]
     input_ids = (torch.arange(_PROBE_TOKENS, device=device) % vocab_size)[None]  # [1, S]
     attention_mask = torch.ones_like(input_ids)  # [1, S]
