@@ -26,9 +26,9 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -n 2 --durations=15 tests
 
 bench-smoke: $(STAMP)
-	$(BIN)/python benchmarks/kernels.py --smoke
-	$(BIN)/python benchmarks/ppo_step.py --smoke
-	$(BIN)/python benchmarks/capacity.py --smoke
+	$(BIN)/python -m benchmarks.kernel_bench --smoke
+	$(BIN)/python -m benchmarks.ppo_step --smoke
+	$(BIN)/python -m benchmarks.capacity --smoke
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv-trl runs .pytest_cache

@@ -30,8 +30,12 @@ TRAINER_STATE = "trainer_state.pt"
 CONFIG = "config.yaml"
 # fields that may change between a run and its resumption: bookkeeping, and the memory knobs a
 # user lowers to get past an out-of-memory (the same update, summed in another order)
-RESUME_FREE_FIELDS = {"resume", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
+RESUME_FREE_FIELDS = {"resume", "overwrite", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
                       "micro_batch_size", "gradient_checkpointing", "auto_halve_micro_batch"}
+# dotted fields a resume may change, logged at WARNING as a change: they steer the steps still to come
+# and leave what was trained so far as it is (the non-finite guard's advice is to lower the rate).
+# Everything else (data, model, seeds, epochs/iterations, batch sizes, the loss) makes another run.
+RESUME_ADJUSTABLE_FIELDS = {"optim.lr", "optim.max_grad_norm", "max_nonfinite_in_a_row", "eval_every"}
 
 
 def _fsync_tree(root: Path) -> None:
@@ -163,16 +167,31 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def config_changes(saved: dict[str, Any], config: Any) -> tuple[list[str], list[str]]:
+    """Compare a saved config (a dict read from config.yaml) with `config`. -> (refused, adjusted): the
+    differing fields as "field: old -> new", those that make another run and those a resume may change."""
+    flat_saved, flat_current = _flatten(saved), _flatten(to_dict(config))
+    refused, adjusted = [], []
+    for key in sorted(set(flat_saved) | set(flat_current)):
+        old, new = flat_saved.get(key), flat_current.get(key)
+        if key.split(".")[-1] in RESUME_FREE_FIELDS or old == new:
+            continue
+        (adjusted if key in RESUME_ADJUSTABLE_FIELDS else refused).append(f"{key}: {old!r} -> {new!r}")
+    return refused, adjusted
+
+
 def check_same_config(checkpoint: Path, config: Any) -> None:
-    """Raise ConfigError naming every field whose value differs from the one `checkpoint` was saved with."""
+    """Raise ConfigError naming every field whose value differs from the one `checkpoint` was saved with,
+    except those a resume may change (`RESUME_ADJUSTABLE_FIELDS`), which are logged at WARNING."""
     saved_file = checkpoint / CONFIG
     if not saved_file.is_file():
         log.warning("%s has no %s: cannot check that the resumed run uses the same config", checkpoint, CONFIG)
         return
-    saved, current = _flatten(read_yaml(saved_file)), _flatten(to_dict(config))
-    changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
-               if key.split(".")[-1] not in RESUME_FREE_FIELDS and saved.get(key) != current.get(key)]
-    if changed:
+    refused, adjusted = config_changes(read_yaml(saved_file), config)
+    if refused:
         raise ConfigError(f"resume: the config differs from the one {checkpoint} was saved with ("
-                          + "; ".join(changed) + "). Resume with the same values, or start a fresh run "
-                          "(another --out, or --resume '')")
+                          + "; ".join(refused) + "). Resume with the same values, or start over "
+                          "(another --out, or --overwrite)")
+    for change in adjusted:
+        log.warning("resume: %s changed (%s); the steps already taken stay as they were", change.split(":")[0],
+                    change)

@@ -10,35 +10,15 @@ import contextlib
 import logging
 import math
 import random
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import torch
 
 from rlhf.errors import ConfigError, RLHFError
+from rlhf.optim_config import OptimConfig  # noqa: F401  (re-exported: `from rlhf.training import OptimConfig`)
 
 log = logging.getLogger("rlhf.training")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3  # ours: LoRA on a tiny model tolerates a large rate; scale down for real models
-    weight_decay: float = 0.0  # ours: LoRA adapters are small; no decay, as peft's examples
-    adam_eps: float = 1e-5  # InstructGPT/openai baselines PPO detail; harmless for SFT and RM
-    warmup_steps: int = 10  # ours: a short warm-up keeps the first Adam steps from overshooting
-    min_lr_ratio: float = 0.1  # InstructGPT SFT: cosine decay to 10% of the peak rate
-    max_grad_norm: float = 1.0  # ours: the usual clip; InstructGPT does not state one
-
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"optim.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -97,43 +77,114 @@ def resolve_device(name: str) -> torch.device:
 
 
 class NonFiniteError(RLHFError):
-    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+    """Too many optimiser steps in a row had a non-finite loss or gradient, or gave non-finite weights."""
+
+
+# the advice of the stop message: a resume may lower the rate (`rlhf.checkpoint.RESUME_ADJUSTABLE_FIELDS`)
+NONFINITE_ADVICE = ("Lower optim.lr and rerun the same command with --optim.lr <lower> to continue from that "
+                    "checkpoint (the rate, max_grad_norm and max_nonfinite_in_a_row may change on a resume), "
+                    "use bf16 instead of fp16, or check the data.")
+
+
+class StepUndo:
+    """A copy of the trainable weights and the optimiser's state, taken before a step, to undo it.
+
+    Cost: one more copy of the adapters, their heads and Adam's two moments (LoRA: a few MB even on a 7B
+    base), refreshed with one `torch._foreach_copy_` per step, and one max-abs norm per tensor after the
+    step (a single sync with the loss check's). The weights after a step are finite iff every max-abs
+    norm is: NaN and inf propagate through it, and unlike a 2-norm it never overflows on large finite values.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._tensors: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] = []
+        self._had_state: list[bool] = []
+
+    def _live(self) -> list[torch.Tensor]:
+        """The weights, then every tensor of the optimiser's per-parameter state (Adam: step, exp_avg, exp_avg_sq)."""
+        state = self.optimizer.state
+        return self.params + [value for p in self.params for _, value in sorted(state.get(p, {}).items())
+                              if isinstance(value, torch.Tensor)]
+
+    def take(self) -> None:
+        tensors = self._live()
+        if [t.shape for t in tensors] != [c.shape for c in self._copies] or any(
+                a is not b for a, b in zip(tensors, self._tensors)):
+            self._copies = [t.detach().clone() for t in tensors]  # first step (Adam's state appears) or a reload
+        else:
+            torch._foreach_copy_(self._copies, [t.detach() for t in tensors])
+        self._tensors = tensors
+        self._had_state = [bool(self.optimizer.state.get(p)) for p in self.params]
+
+    def all_finite(self) -> bool:
+        tensors = [t.detach() for t in self._live() if t.numel()]
+        norms = torch._foreach_norm(tensors, float("inf"))  # max |x| per tensor; NaN and inf propagate
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all().item())  # sync point
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([t.detach() for t in self._tensors], self._copies)
+        for p, had in zip(self.params, self._had_state):
+            if not had:  # the undone step created this state (the first step): drop it again
+                self.optimizer.state.pop(p, None)
 
 
 class NonFiniteGuard:
-    """Skip an optimiser step whose loss or gradient is not finite; stop after `max_in_a_row`.
+    """Skip an optimiser step whose loss or gradient is not finite, undo one that leaves non-finite weights
+    or optimiser state (a rate too high: the loss and gradient were finite, the update was not); stop
+    after `max_in_a_row` such steps.
 
     A single bad batch (an fp16 overflow, a corrupt record) should cost one step, not the run; many
-    in a row mean the run has diverged, and going on would only overwrite good weights.
+    in a row mean the run has diverged, and going on would only overwrite good weights. Skipped and
+    undone steps leave the weights bitwise those of the step before, so a checkpoint never holds
+    non-finite weights.
     """
 
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row = max_in_a_row
         self.in_a_row = 0
         self.skipped_total = 0
+        self._undo: StepUndo | None = None
 
-    def ok(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, batch_id: str) -> bool:
-        finite = bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())  # sync point
-        if finite:
-            self.in_a_row = 0
-            return True
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
+             batch_id: str) -> bool:
+        """`optimizer.step()` unless the loss or gradient is non-finite; undone if the weights become so.
+        -> whether the step was applied."""
+        if not bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()):  # sync point
+            self._bad(step, batch_id, f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()})",
+                      "optimiser step skipped")
+            return False
+        if self._undo is None or self._undo.optimizer is not optimizer:
+            self._undo = StepUndo(optimizer)
+        self._undo.take()
+        optimizer.step()
+        if not self._undo.all_finite():
+            self._undo.restore()
+            self._bad(step, batch_id, f"finite loss ({loss.item():.4g}) and gradient norm ({grad_norm.item():.4g}) "
+                      "but the update made the weights or the optimiser state non-finite", "step undone")
+            return False
+        self.in_a_row = 0
+        return True
+
+    def _bad(self, step: int, batch_id: str, what: str, action: str) -> None:
         self.in_a_row += 1
         self.skipped_total += 1
-        log.warning("step %d: non-finite loss (%s) or gradient norm (%s) on batch %s; optimiser step skipped "
-                    "(%d in a row, %d in total)", step, loss.item(), grad_norm.item(), batch_id,
+        log.warning("step %d: %s on batch %s; %s (%d in a row, %d in total)", step, what, batch_id, action,
                     self.in_a_row, self.skipped_total)
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
                 f"step {step}: {self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
-                f"(last batch: {batch_id}); stopping. The last good state is in the newest checkpoint. "
-                "Lower optim.lr, use bf16 instead of fp16, or check the data.")
-        return False
+                f"or gave non-finite weights (last batch: {batch_id}); stopping. The last good state is in "
+                f"the newest checkpoint. {NONFINITE_ADVICE}")
 
     def state_dict(self) -> dict[str, int]:
         return {"in_a_row": self.in_a_row, "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.in_a_row = state["in_a_row"]
+        # a checkpoint written by the stop holds a full count: the rerun (say at a lower rate) starts a new one
+        self.in_a_row = state["in_a_row"] if state["in_a_row"] < self.max_in_a_row else 0
         self.skipped_total = state["skipped_total"]
 
 

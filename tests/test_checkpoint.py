@@ -103,7 +103,8 @@ def test_resume_refuses_a_checkpoint_saved_under_another_config(tmp_path, caplog
     assert resolve_resume(tmp_path, "auto", lighter) is not None
     changed = SFTConfig(out_dir=str(tmp_path), epochs=20)
     changed.optim.lr = 1e-4
-    with pytest.raises(ConfigError, match=r"epochs: 16 -> 20; optim.lr: 0.002 -> 0.0001\). Resume with the same"):
+    # optim.lr may change on a resume (the non-finite guard's advice), logged as a change; epochs may not
+    with pytest.raises(ConfigError, match=r"\(epochs: 16 -> 20\)\. Resume with the same"):
         resolve_resume(tmp_path, "auto", changed)
     # a checkpoint without a config (written before configs were saved) resumes with a warning
     save_checkpoint(tmp_path / "old", 1, _write({"step": 1}))

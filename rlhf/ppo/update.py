@@ -137,8 +137,7 @@ def ppo_epochs(model, rollout: Rollout, optimizer, scheduler, params: list[torch
             loss_sum, step_stats = halver.run(
                 lambda micro: _mini_batch_backward(model, rollout, mini, optimizer, s, micro, ptx), optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            if guard.ok(loss_sum, grad_norm, iteration, f"iteration {iteration} epoch {epoch} rows {mini.tolist()}"):
-                optimizer.step()
+            guard.step(optimizer, loss_sum, grad_norm, iteration, f"iteration {iteration} epoch {epoch} rows {mini.tolist()}")
             optimizer.zero_grad(set_to_none=True)
             step_stats["grad_norm"] = grad_norm.detach().float()
             for key, value in step_stats.items():
