@@ -103,7 +103,8 @@ def test_parts_in_one_forward_match_separate_forwards(case):
         clear_grads(model)
         hidden = (model.hidden_states_of_parts(parts) if one_forward
                   else [model.hidden_states(role, ids, mask) for role, ids, mask in parts])
-        loss = sum((h[mask] @ weights).square().mean() * (i + 1) for i, (h, (_, _, mask)) in enumerate(zip(hidden, parts)))
+        loss = sum((h[mask] @ weights).square().mean() * (i + 1)
+                   for i, (h, (_, _, mask)) in enumerate(zip(hidden, parts)))
         loss.backward()
         grads = [p.grad.clone() for role in ("policy", "value") for p in model.parameters(role) if p.grad is not None]
         return [h.detach() for h in hidden], grads

@@ -692,7 +692,8 @@ def test_row_slices_of_stacked_and_flattened_layer_inputs():
     rows = RowRoles((("policy", 0, 2), ("value", 2, 5)), seq_len=4)
     assert _row_sizes(rows, torch.zeros(5, 4, 8)) == [2, 3]  # [R, S, H]
     assert _row_sizes(rows, torch.zeros(20, 8)) == [8, 12]  # [R * S, H] (OPT's fc1/fc2)
-    with pytest.raises(RowsNotAligned, match=r"LoRA layer input \(7, 8\) is neither \[5, 4, \.\.\.\] nor \[20, \.\.\.\]"):
+    message = r"LoRA layer input \(7, 8\) is neither \[5, 4, \.\.\.\] nor \[20, \.\.\.\]"
+    with pytest.raises(RowsNotAligned, match=message):
         _row_sizes(rows, torch.zeros(7, 8))  # tokens gathered per MoE expert
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import peft
 import pytest
+from packaging.specifiers import SpecifierSet
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -90,8 +91,18 @@ def test_adapter_parameters_are_one_adapters_lora_weights():
 
 
 def test_installed_peft_is_in_the_tested_range():
-    from packaging.specifiers import SpecifierSet
-
     if peft.__version__ not in SpecifierSet(peft_internals.TESTED_PEFT):
-        pytest.fail(f"peft {peft.__version__} is outside the tested range {peft_internals.TESTED_PEFT}: "
-                    "run tests/test_peft_internals.py and tests/test_models.py, then widen TESTED_PEFT and pyproject.toml")
+        pytest.fail(f"peft {peft.__version__} is outside the tested range {peft_internals.TESTED_PEFT}: run "
+                    "tests/test_peft_internals.py, test_models.py and test_model_families.py, then widen "
+                    "TESTED_PEFT and pyproject.toml")
+
+
+def test_pyproject_pins_the_tested_range():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    peft_requirement = next(Requirement(d) for d in pyproject["project"]["dependencies"] if d.startswith("peft"))
+    assert str(peft_requirement.specifier) == str(SpecifierSet(peft_internals.TESTED_PEFT))
