@@ -27,6 +27,7 @@ from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
 from rlhf.models import RoleModel
 from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
+from rlhf.progress import progress
 from rlhf.stage_dirs import adapter_dir
 from rlhf.training import resolve_device, set_seed
 from rlhf_kernels import fused_linear_token_logprobs
@@ -47,7 +48,8 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
     tokenizer = model.tokenizer
     texts, rm_scores, kls, lengths = [], [], [], []
     torch.manual_seed(cfg.seed)  # the same noise for every policy
-    for start in range(0, len(prompts), cfg.batch_size):
+    shown = "sft" if role == "reference" else role  # the SFT adapter is loaded as the reference role
+    for start in progress(range(0, len(prompts), cfg.batch_size), desc=f"eval {shown} samples", unit="batch"):
         rows = prompts[start:start + cfg.batch_size]
         padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
@@ -71,7 +73,8 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
 def pretrain_loss(model: RoleModel, role: str, chunks: list[dict], batch_size: int) -> float:
     nll, tokens = 0.0, 0
     pad_id = model.tokenizer.pad_token_id
-    for start in range(0, len(chunks), batch_size):
+    shown = "sft" if role == "reference" else role
+    for start in progress(range(0, len(chunks), batch_size), desc=f"eval {shown} pretrain loss", unit="batch"):
         padded = pad_right([c["input_ids"] for c in chunks[start:start + batch_size]], pad_id)
         labels = shift_labels(padded["input_ids"], padded["answer_mask"]).to(model.device)  # [b, S]
         logprobs = model.token_logprobs(role, padded["input_ids"].to(model.device),
@@ -93,6 +96,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<10}" + "".join(cells))
     lines.append(f"held-out prompts: {result['n_prompts']} (users not seen in training), "
                  f"{result.get('answers_per_prompt', 1)} sampled answers each")
+    rows = result["policies"].values()
+    if not any(row.get("gold_score") is not None for row in rows):
+        lines.append("gold_score, win_rate_vs_sft: - (they need a gold judge: --gold toy, the toy world's; "
+                     "your own data has none)")
+    if not any(row.get("pretrain_loss") is not None for row in rows):
+        lines.append("pretrain_loss: - (needs pretraining text: --pretrain pretrain.jsonl)")
     return "\n".join(lines)
 
 

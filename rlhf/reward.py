@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
@@ -30,6 +29,7 @@ from rlhf.metrics import postfix
 from rlhf.models import RoleModel
 from rlhf.stage_dirs import adapter_dir
 from rlhf.reward_config import RMConfig, RMData  # noqa: F401  (re-exported: `from rlhf.reward import RMConfig`)
+from rlhf.progress import progress
 from rlhf.stage_run import StageRun
 from rlhf.training import autocast, build_optimizer, cosine_schedule
 
@@ -97,7 +97,7 @@ def demonstration_scores(model: RoleModel, examples: list[dict], batch_size: int
                          device: torch.device, precision: str) -> torch.Tensor:
     """RM scores of (prompt, demonstration) sequences. -> [n]"""
     scores = []
-    for start in range(0, len(examples), batch_size):
+    for start in progress(range(0, len(examples), batch_size), desc="rm demonstration scores", unit="batch"):
         rows = examples[start:start + batch_size]
         padded = _to(pad_right([e["input_ids"] for e in rows], pad_id), device)
         with autocast(device, precision):
@@ -157,7 +157,7 @@ def train(cfg: RMConfig) -> Path:
         running = torch.zeros(2, device=device)  # loss and accuracy summed since the last log line
         start = run.begin(model, ["reward"], optimizer, scheduler, running=running)
         pad_id = tokenizer.pad_token_id
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
+        bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
         for step in bar:
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
             optimizer.zero_grad(set_to_none=True)

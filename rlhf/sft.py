@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.data import load_records, pad_right, shift_labels, split_by_user, tokenize_sft
 from rlhf.data.order import shuffled_positions
@@ -21,6 +20,7 @@ from rlhf.errors import DataError
 from rlhf.metrics import postfix
 from rlhf.models import RoleModel
 from rlhf.sft_config import SFTConfig, SFTData  # noqa: F401  (re-exported: `from rlhf.sft import SFTConfig`)
+from rlhf.progress import progress
 from rlhf.stage_run import StageRun
 from rlhf.training import autocast, build_optimizer, cosine_schedule
 
@@ -84,7 +84,7 @@ def train(cfg: SFTConfig) -> Path:
         running = torch.zeros((), device=device)
         start = run.begin(model, ["policy"], optimizer, scheduler, running_loss=running)
         pad_id = tokenizer.pad_token_id
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", unit="step")
+        bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="sft", unit="step")
         for step in bar:
             # each step's rows depend only on (seed, step): a resumed run sees the same batches
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)

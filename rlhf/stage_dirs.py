@@ -5,7 +5,7 @@
     <run>/config.yaml          the resolved config
     <run>/<role>/              peft adapter (+ head.safetensors for reward and value)
     <run>/checkpoints/step-N/  resumable state
-    <run>/metrics.jsonl, <stage>_metrics.png
+    <run>/metrics.jsonl, metrics.png
     <run>/DONE                 written last: the stage finished and its outputs are complete
 """
 
@@ -60,7 +60,7 @@ def run_contents(run_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [root / name for name in RUN_FILES if (root / name).exists()]
     found += sorted(p for p in root.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file())
-    found += sorted(root.glob("*_metrics.png"))
+    found += sorted(root.glob("*metrics.png"))  # metrics.png (and <stage>_metrics.png of older runs)
     return found
 
 

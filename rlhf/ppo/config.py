@@ -52,7 +52,8 @@ class RolloutConfig:
 @dataclass
 class KLConfig:
     coef: float = 0.02  # InstructGPT appendix C.4: KL reward coefficient beta = 0.02
-    estimator: Literal["k1", "k2", "k3"] = "k1"  # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
     target: float | None = None  # Ziegler et al. 2019 adaptive controller; None = fixed beta (InstructGPT)
     horizon: int = 10000  # Ziegler et al. 2019: horizon of the adaptive controller, in samples
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.data import load_records, split_by_user
 from rlhf.metrics import postfix
@@ -27,6 +26,7 @@ from rlhf.ppo.rewards import score_penalties, shape_rewards
 from rlhf.ppo.rollout import Rollout, sample, score
 from rlhf.ppo.update import UpdateSettings, ppo_epochs
 from rlhf.stage_dirs import adapter_dir
+from rlhf.progress import progress
 from rlhf.stage_run import Piece, StageRun
 from rlhf.training import MicroBatchHalver, NonFiniteGuard, build_optimizer, cosine_schedule
 from rlhf_kernels import gae, whiten
@@ -143,7 +143,7 @@ def train(cfg: PPOConfig) -> Path:
                              lambda position: setattr(ptx_batches, "position", position) if ptx_batches else None)
         start = run.begin(model, ["policy", "value"], trainer.optimizer, trainer.scheduler,
                           kl_controller=trainer.kl_ctl, generator=trainer.generator, ptx_position=ptx_position)
-        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
+        bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
         for iteration in bar:
             t0 = time.perf_counter()
             result = ppo_iteration(cfg, model, trainer, prompt_batches.batch(iteration), iteration)
