@@ -26,11 +26,10 @@ from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_by_
 from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
 from rlhf.models import RoleModel
-from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
+from rlhf.ppo.rollout import answer_logprobs, sample
 from rlhf.progress import progress
 from rlhf.stage_dirs import adapter_dir
 from rlhf.training import resolve_device, set_seed
-from rlhf_kernels import fused_linear_token_logprobs
 
 log = logging.getLogger("rlhf.eval")
 
@@ -54,13 +53,7 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
         padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
                          cfg.max_new_tokens, cfg.temperature, 1.0, role=role)
-        labels = answer_labels(rollout).reshape(-1)
-        logp = {}
-        for name in (role, "reference"):
-            hidden = answer_hidden(model, name, rollout)  # [b, T, H]
-            logp[name] = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
-                                                     labels, bias=model.lm_head_bias,
-                                                     temperature=cfg.temperature).view_as(rollout.answer_mask)
+        logp = {name: answer_logprobs(model, name, rollout, cfg.temperature) for name in (role, "reference")}  # [b, T]
         kls.append(((logp[role] - logp["reference"]) * rollout.answer_mask).sum(dim=1))  # [b]
         rm_scores.append(model.reward_scores("reward", rollout.sequences, rollout.attention_mask).float())
         lengths.append(rollout.answer_mask.sum(dim=1).float())

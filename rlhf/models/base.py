@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from rlhf.errors import ModelError
+from rlhf.errors import ConfigError, ModelError
 from rlhf.models.config import ModelConfig
 
 log = logging.getLogger("rlhf.models")
@@ -68,11 +68,15 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
+    """None or "auto": cuda when available, else cpu. The one device resolver (models, stages, eval)."""
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: '{device}' requested but CUDA is not available; use device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
     return device
 
 

@@ -104,7 +104,6 @@ class PPOConfig:
     keep_last: int = 2  # ours: checkpoints kept on disk
     resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
     overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
-    log_every: int = 1  # ours: iterations between logged metrics rows
     seed: int = 0  # python, numpy and torch seeds: sampling and the mini-batch order
     device: str = "auto"  # cuda when available, else cpu
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
