@@ -246,8 +246,6 @@ def test_sft_rm_ppo_ptx_eval_run_on_the_family(family, quantization, family_dir,
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float)), name
 
 
-@pytest.mark.xfail(strict=True, reason="rlhf/ppo/rollout.py answer_logprobs() does not pass **model.logit_transform "
-                                       "to fused_linear_token_logprobs yet; remove this mark when it does")
 @pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
 def test_rollout_scoring_uses_the_models_logit_transform(family, family_dir):
     # the rollout's log-probs must be those of the distribution the sampler drew from
