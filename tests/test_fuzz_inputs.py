@@ -135,7 +135,8 @@ def test_a_stage_that_fails_on_its_data_writes_no_outputs(tmp_path, monkeypatch)
         with pytest.raises(DataError, match=f"{path}"):
             train_sft(cfg)
         left = sorted(p.name for p in out.iterdir()) if out.exists() else []
-        assert set(left) <= {"config.yaml"}, left  # the resolved config only, written whole
+        # the resolved config (written whole) and the run dir's claim (owner, lock): no adapter, checkpoint, DONE
+        assert set(left) <= {"config.yaml", "OWNER", ".lock"}, left
 
 
 # ------------------------------------------------------------------------------------------------
