@@ -1,0 +1,59 @@
+"""RM diagnostics (rlhf.rm_diagnostics): the RM against a length rule and the SFT log-prob on the same pairs.
+
+The constructed cases have accuracies worked out by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf.rm_diagnostics import JudgedAnswer, format_diagnostics, pair_diagnostics
+
+
+def test_length_detector_rm_is_at_chance_on_length_matched_pairs():
+    # One prompt, four answers: label = gold (higher better), the "RM" is a pure length detector
+    # (score = -length), the SFT log-prob prefers the correct answers.
+    #   A label 1.0 len 3  rm -3  lp -1
+    #   B label 0.8 len 4  rm -4  lp -2
+    #   C label 0.5 len 3  rm -3  lp -3
+    #   D label 0.0 len 2  rm -2  lp -4
+    answers = [JudgedAnswer(1.0, -3.0, 3, -1.0), JudgedAnswer(0.8, -4.0, 4, -2.0),
+               JudgedAnswer(0.5, -3.0, 3, -3.0), JudgedAnswer(0.0, -2.0, 2, -4.0)]
+    d = pair_diagnostics([answers])
+    # 6 pairs (winner first): AB AC AD BC BD CD
+    # RM (shorter wins): AB 1, AC tie 1/2, AD 0, BC 0, BD 0, CD 0 -> 1.5 / 6 = 0.25
+    assert d["pairs"] == 6 and d["tied_pairs_dropped"] == 0
+    assert d["rm_accuracy"] == pytest.approx(0.25)
+    # "shorter is better" is the same rule as this RM: 0.25; "longer is better": AB 0, AC 1/2, AD 1,
+    # BC 1, BD 1, CD 1 -> 4.5 / 6 = 0.75, so the length rule reported is "longer" at 0.75
+    assert d["shorter_is_better_accuracy"] == pytest.approx(0.25)
+    assert d["longer_is_better_accuracy"] == pytest.approx(0.75)
+    assert d["length_rule"] == "longer" and d["length_rule_accuracy"] == pytest.approx(0.75)
+    # the log-prob orders all four exactly as the labels do: 6 / 6
+    assert d["sft_logprob_accuracy"] == pytest.approx(1.0)
+    # length-matched pairs: only AC (both 3 tokens); the length detector ties there (1/2),
+    # the log-prob gets it right (1)
+    assert d["length_matched_pairs"] == 1
+    assert d["rm_accuracy_length_matched"] == pytest.approx(0.5)
+    assert d["sft_logprob_accuracy_length_matched"] == pytest.approx(1.0)
+    assert "RM accuracy 0.250 vs length rule (longer is better) 0.750" in format_diagnostics(d)
+
+
+def test_tied_labels_are_dropped_and_counted_and_groups_stay_apart():
+    # Group 1: X and Y tie on the label (dropped), Z is worse than both: 2 pairs, 1 tie.
+    # Group 2: one answer, no pairs. Pairs never cross groups: X (group 1) vs W (group 2) is not one.
+    # The RM scores Z highest, so it gets both pairs wrong: accuracy 0. No log-probs given -> None.
+    group1 = [JudgedAnswer(1.0, 0.0, 2), JudgedAnswer(1.0, 0.1, 5), JudgedAnswer(0.0, 9.0, 2)]
+    group2 = [JudgedAnswer(5.0, -9.0, 7)]
+    d = pair_diagnostics([group1, group2])
+    assert d["pairs"] == 2 and d["tied_pairs_dropped"] == 1
+    assert d["rm_accuracy"] == 0.0
+    assert d["sft_logprob_accuracy"] is None and d["sft_logprob_accuracy_length_matched"] is None
+    # XZ is length-matched (2 and 2); YZ is not
+    assert d["length_matched_pairs"] == 1 and d["rm_accuracy_length_matched"] == 0.0
+
+
+def test_no_pairs_gives_no_accuracies():
+    d = pair_diagnostics([[JudgedAnswer(1.0, 0.0, 2), JudgedAnswer(1.0, 1.0, 3)]])
+    assert d["pairs"] == 0 and d["tied_pairs_dropped"] == 1
+    assert d["rm_accuracy"] is None and d["length_rule"] is None
