@@ -31,7 +31,7 @@ from rlhf.sft import SFTConfig
 from rlhf.sft import train as train_sft
 from rlhf.stage_dirs import is_done
 from rlhf.training import resolve_device
-from rlhf.toy import ToyConfig, rank, write_toy_world
+from rlhf.toy import ToyConfig, gold_score, write_toy_world
 
 log = logging.getLogger("rlhf.pipeline")
 
@@ -136,7 +136,7 @@ def run(cfg: PipelineConfig) -> dict:
         if not rm_data.exists():
             from rlhf.labelling import sample_rankings
 
-            sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, rank, k=cfg.rm_k,
+            sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, gold_score, k=cfg.rm_k,
                             max_new_tokens=cfg.ppo.rollout.max_new_tokens, seed=cfg.rm.seed,
                             max_prompt_length=cfg.ppo.data.max_prompt_length, device=device)
     rm_dir = out / "rm"
