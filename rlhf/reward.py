@@ -32,6 +32,7 @@ from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
 from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import ModelConfig, RoleModel
+from rlhf.rm_diagnostics import rm_stage_diagnostics
 from rlhf.stage_dirs import adapter_dir, mark_done
 from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
                            MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
@@ -297,7 +298,11 @@ def train(cfg: RMConfig) -> Path:
     if val_examples:
         summary.update(evaluate_rankings(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision,
                                          cfg.margin))
-    metrics.log(total_steps, {k: v for k, v in summary.items() if k.startswith(("val_", "offset", "demo_"))})
+        # is the RM more than a length rule? (issue 15.3) RM vs length rule vs SFT log-prob on the same pairs
+        summary.update(rm_stage_diagnostics(model, val_examples, cfg.sft_dir, cfg.micro_batch_size, device,
+                                            cfg.precision))
+    metrics.log(total_steps, {k: v for k, v in summary.items()
+                              if k.startswith(("val_", "offset", "demo_")) and not isinstance(v, str)})
     metrics.close()
     model.save_role("reward", out / "reward")
     mark_done(out, steps=total_steps, **summary)

@@ -15,6 +15,7 @@ it draws for the held-out prompts (label: the gold judge's score, where there is
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,10 @@ import torch
 from rlhf.data import collate_rankings, shift_labels
 from rlhf.eval_stats import win
 from rlhf.models import RoleModel
+from rlhf.stage_dirs import adapter_dir
 from rlhf.training import autocast
+
+log = logging.getLogger("rlhf.rm_diagnostics")
 
 
 @dataclass(frozen=True)
@@ -108,3 +112,17 @@ def ranking_groups(model: RoleModel, examples: list[dict], reward_role: str, sft
                                               length=int(lengths[row]),
                                               logprob=None if logprobs is None else float(logprobs[row])))
     return groups
+
+
+def rm_stage_diagnostics(model: RoleModel, examples: list[dict], sft_dir: str, batch_size: int,
+                         device: torch.device, precision: str) -> dict:
+    """The RM stage's diagnostics on its validation rankings, keys prefixed "val_diag_"; the SFT
+    log-prob column needs the SFT run (`sft_dir`), loaded as one more frozen role."""
+    sft_role = None
+    if sft_dir:
+        sft_role = "diagnostics_sft"
+        if sft_role not in model.roles:
+            model.add_role(sft_role, adapter_dir=adapter_dir(sft_dir, "policy"))
+    diagnostics = pair_diagnostics(ranking_groups(model, examples, "reward", sft_role, batch_size, device, precision))
+    log.info("RM diagnostics on the validation rankings: %s", format_diagnostics(diagnostics))
+    return {f"val_diag_{key}": value for key, value in diagnostics.items()}
