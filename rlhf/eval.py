@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import require_path, save_config, validate
-from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_for, tokenize_pretrain, tokenize_prompts
+from rlhf.data import PARTS, load_records, pad_left, pad_right, shift_labels, split_for, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
 from rlhf.eval_plot import plot_gold_vs_kl
 from rlhf.eval_stats import (best_of_n_kl_bound, best_of_n_kl_estimate, best_of_n_pick, bootstrap_ci,
@@ -40,19 +40,20 @@ log = logging.getLogger("rlhf.eval")
 
 @dataclass
 class EvalData:
-    path: str = ""  # prompts; the held-out users' prompts are evaluated (same split as PPO)
+    path: str = ""  # prompts; those of the `part` users are evaluated
     pretrain: str = ""  # {"text"} records; "" skips pretrain_loss
-    val_fraction: float = 0.1  # must match the PPO run's split so its training users stay out
+    split: str = ""  # split.json of train / tune / test users, the same as the stages read; "" = the split.json
+    # beside data.path (the toy world and `rlhf pipeline` write one), else users hashed with seed 0 (10% tune, 10% test)
+    part: str = "test"  # "test" for reported figures; "tune" while choosing settings (never tune on test)
     max_prompts: int = 200  # ours: enough prompts for a win rate within a few points
     max_prompt_length: int = 48
     max_pretrain_length: int = 64
     max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
     skip_invalid: bool = False
-    seed: int = 0
 
     def validate(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.part not in PARTS:
+            raise ConfigError(f"data.part must be one of {', '.join(PARTS)}; got {self.part!r}")
 
 
 @dataclass
@@ -68,6 +69,11 @@ class EvalConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
     answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # best-of-n by the RM over SFT samples
+    # (Stiennon et al. 2020): max(best_of_n) SFT samples per prompt are drawn once, each n takes a prefix
+    temperatures: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # SFT sampled colder: the
+    # baseline that needs no RM at all
+    bootstrap_resamples: int = 2000  # ours: 95% intervals over prompts, seeded by `seed`
     batch_size: int = 64
     seed: int = 1234  # ours: the same sampling noise for every policy
     device: str = "auto"
@@ -77,6 +83,12 @@ class EvalConfig:
             raise ConfigError(f"gold must be 'toy' or 'none', got {self.gold!r}")
         if self.answers_per_prompt < 1:
             raise ConfigError(f"answers_per_prompt must be >= 1, got {self.answers_per_prompt}")
+        if any(n < 1 for n in self.best_of_n):
+            raise ConfigError(f"best_of_n must hold n >= 1, got {self.best_of_n}")
+        if any(not t > 0 for t in self.temperatures):
+            raise ConfigError(f"temperatures must all be > 0, got {self.temperatures}")
+        if self.bootstrap_resamples < 100:
+            raise ConfigError(f"bootstrap_resamples must be >= 100 for a 95% interval, got {self.bootstrap_resamples}")
 
     def check_inputs(self) -> None:
         """The runs and files evaluation reads exist (before any model loads)."""
@@ -160,15 +172,14 @@ def draw_samples(model: RoleModel, role: str, prompts: list[dict], k: int, tempe
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
                          cfg.max_new_tokens, temperature, 1.0, role=role)
         labels = answer_labels(rollout).reshape(-1)
-        logp = {}
-        for name, temp in ((role, temperature), ("reference", cfg.temperature)):
-            hidden = answer_hidden(model, name, rollout)  # [b, T, H]
-            logp[name] = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
-                                                     labels, bias=model.lm_head_bias,
-                                                     temperature=temp).view_as(rollout.answer_mask)
+        policy_logp, sft_logp = [
+            fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, labels,
+                                        bias=model.lm_head_bias, temperature=temp).view_as(rollout.answer_mask)
+            for hidden, temp in ((answer_hidden(model, role, rollout), temperature),  # [b, T, H]
+                                 (answer_hidden(model, "reference", rollout), cfg.temperature))]  # [b, T]
         mask = rollout.answer_mask
-        kls += ((logp[role] - logp["reference"]) * mask).sum(dim=1).tolist()
-        sft_lps += (logp["reference"] * mask).sum(dim=1).tolist()
+        kls += ((policy_logp - sft_logp) * mask).sum(dim=1).tolist()
+        sft_lps += (sft_logp * mask).sum(dim=1).tolist()
         rm_scores += model.reward_scores("reward", rollout.sequences, rollout.attention_mask).float().tolist()
         lengths += mask.sum(dim=1).tolist()
         cut += (~rollout.ended_with_eos).float().tolist()
@@ -250,14 +261,12 @@ def _cell(value) -> str:
 
 def format_table(result: dict) -> str:
     """The comparison as text: one row per policy or baseline, intervals in brackets."""
-    columns = [("gold", "gold_score", "gold_ci"), ("win vs SFT", "win_rate_vs_sft", "win_rate_ci"),
-               ("KL to SFT", "kl_to_sft", None), ("fully correct", "fully_correct", None),
-               ("rm_score", "rm_score", None), ("pretrain_loss", "pretrain_loss", None),
-               ("answer_length", "answer_length", None)]
-    lines = [f"{'policy':<14}" + "".join(f"{title:>22}" for title, _, _ in columns)]
+    columns = [("gold_score", "gold_ci"), ("win_rate_vs_sft", "win_rate_ci"), ("kl_to_sft", None),
+               ("fully_correct", None), ("rm_score", None), ("pretrain_loss", None), ("answer_length", None)]
+    lines = [f"{'policy':<14}" + "".join(f"{key:>22}" for key, _ in columns)]
     for name, row in result["policies"].items():
         cells = []
-        for _, key, ci in columns:
+        for key, ci in columns:
             text = _cell(row.get(key))
             if key == "kl_to_sft" and "kl_bound" in row:
                 text += f" (<={row['kl_bound']:.2f})"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
 from rlhf.config import require_path, save_config, validate
-from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
+from rlhf.data import collate_rankings, load_records, pad_right, split_for, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
 from rlhf.metrics import MetricsLogger, postfix
@@ -66,15 +66,11 @@ def ranking_loss(scores: torch.Tensor, prompt_index: torch.Tensor, rank: torch.T
 class RMData:
     path: str = ""  # rankings {"prompt", "responses": [best, ..., worst]} or pairwise {"chosen", "rejected"}
     demonstrations: str = ""  # SFT demonstrations whose mean score is shifted to 0; "" = the best answers
-    val_fraction: float = 0.1  # ours: held-out users (split by user id)
+    split: str = ""  # split.json of train / tune / test users, shared by every stage (trains on train, validates on tune); "" = the split.json
+    # beside data.path (the toy world and `rlhf pipeline` write one), else users hashed with seed 0 (10% tune, 10% test)
     max_length: int = 64  # ours: toy sequences are < 40 tokens
     use_chat_template: bool = False
     skip_invalid: bool = False
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -206,7 +202,8 @@ def train(cfg: RMConfig) -> Path:
     set_seed(cfg.seed)
 
     records = load_records(cfg.data.path, "rankings", skip_invalid=cfg.data.skip_invalid)
-    train_records, val_records = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
+    split = split_for(cfg.data.path, cfg.data.split)  # one user split for every stage (issue 15.1)
+    train_records, val_records = split.select(records, "train"), split.select(records, "tune")
     model = RoleModel(cfg.model, device=device)
     tokenizer = model.tokenizer
     kw = dict(use_chat_template=cfg.data.use_chat_template)

@@ -65,3 +65,74 @@ def test_write_load_round_trip_and_bad_files(tmp_path):
         UserSplit.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="leave room for train"):
         UserSplit(tune_fraction=0.5, test_fraction=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every stage trains on train users only, whatever its seeds (the bug: each stage drew its own split)
+# ---------------------------------------------------------------------------------------------
+class _Captured(Exception):
+    """Raised by a patched data step once the stage has chosen its training records."""
+
+
+def _fake_run_dir(path, role: str):
+    (path / role).mkdir(parents=True, exist_ok=True)
+    (path / role / "adapter_config.json").write_text("{}")  # enough for the stage's input check
+    return path
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_no_test_user_in_any_stages_training_data_whatever_the_seeds(quick_toy_world, tmp_path, monkeypatch, seed):
+    import types
+
+    import rlhf.eval
+    import rlhf.ppo.loop
+    import rlhf.reward
+    import rlhf.sft
+    from rlhf.config import load_config
+    from rlhf.eval import EvalConfig
+    from rlhf.ppo import PPOConfig
+    from rlhf.reward import RMConfig
+    from rlhf.sft import SFTConfig
+
+    world = quick_toy_world
+    split = UserSplit.load(world.split)
+    test_users = {u for u, part in split.users.items() if part == "test"}
+    assert test_users
+    seen: dict[str, list[dict]] = {}
+
+    def capture(stage):
+        def step(records, *args, **kwargs):
+            seen[stage] = list(records)  # the first call of each stage is its training set
+            raise _Captured
+        return step
+
+    monkeypatch.setattr(rlhf.sft, "tokenize_sft", capture("sft"))
+    monkeypatch.setattr(rlhf.reward, "tokenize_rankings", capture("rm"))
+    monkeypatch.setattr(rlhf.ppo.loop, "build_roles", lambda *a, **k: types.SimpleNamespace(tokenizer=None))
+    monkeypatch.setattr(rlhf.ppo.loop, "PromptBatches", capture("ppo"))
+    fake_model = types.SimpleNamespace(tokenizer=None, add_role=lambda *a, **k: None)
+    monkeypatch.setattr(rlhf.eval, "RoleModel", lambda *a, **k: fake_model)
+    monkeypatch.setattr(rlhf.eval, "tokenize_prompts", capture("eval"))
+    sft_dir, rm_dir = _fake_run_dir(tmp_path / "sft", "policy"), _fake_run_dir(tmp_path / "rm", "reward")
+    common = {"model.path": str(world.model), "model.quantization": "none", "device": "cpu", "seed": seed}
+    stages = [
+        (rlhf.sft.train, load_config(SFTConfig, overrides={**common, "data.path": str(world.sft),
+                                                           "out_dir": str(tmp_path / "o_sft")})),
+        (rlhf.reward.train, load_config(RMConfig, overrides={**common, "data.path": str(world.rankings),
+                                                             "out_dir": str(tmp_path / "o_rm")})),
+        (rlhf.ppo.loop.train, load_config(PPOConfig, overrides={
+            **common, "data.path": str(world.prompts), "sft_dir": str(sft_dir), "rm_dir": str(rm_dir),
+            "out_dir": str(tmp_path / "o_ppo")})),
+        (rlhf.eval.evaluate, load_config(EvalConfig, overrides={
+            **common, "seed": 1234 + seed, "data.path": str(world.prompts), "sft_dir": str(sft_dir),
+            "rm_dir": str(rm_dir), "out_dir": str(tmp_path / "o_eval")})),
+    ]
+    for train, cfg in stages:
+        with pytest.raises(_Captured):
+            train(cfg)
+    for stage in ("sft", "rm", "ppo"):
+        users = {r["user_id"] for r in seen[stage]}
+        assert users and not users & test_users, f"{stage} trains on test users {sorted(users & test_users)}"
+        assert all(split.part_of(r) == "train" for r in seen[stage]), stage
+    # and evaluation reads exactly the test users' prompts
+    assert {r["user_id"] for r in seen["eval"]} == test_users

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state,
                              save_checkpoint, save_trainer_state, set_rng_state)
 from rlhf.config import save_config, validate
-from rlhf.data import load_records, split_by_user
+from rlhf.data import load_records, split_for
 from rlhf.metrics import MetricsLogger, postfix
 from rlhf.models import RoleModel
 from rlhf.ppo.batches import PretrainBatches, PromptBatches
@@ -136,7 +136,8 @@ def train(cfg: PPOConfig) -> Path:
     set_seed(cfg.seed)
 
     prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
-    train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
+    # train users only: tune users serve choices, test users the reported evaluation (issue 15.1)
+    train_prompts = split_for(cfg.data.path, cfg.data.split).select(prompts, "train")
     model = build_roles(cfg, device, resume_from)
     prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
                                    cfg.data.max_prompt_length, cfg.seed, device)
@@ -144,7 +145,7 @@ def train(cfg: PPOConfig) -> Path:
     if cfg.ptx_coef > 0:
         texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
         # the held-out texts measure the pretraining loss at evaluation, so ptx never trains on them
-        texts, _ = split_by_user(texts, cfg.data.val_fraction, cfg.data.seed)
+        texts = split_for(cfg.data.pretrain, cfg.data.split).select(texts, "train")
         ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
                                       cfg.seed, device)
     trainer = build_trainer(cfg, model, ptx_batches)
