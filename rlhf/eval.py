@@ -1,15 +1,19 @@
-"""Evaluate policies against the SFT policy on held-out prompts (users never seen in training).
+"""Evaluate policies and the cheap baselines that could explain them, on the `test` users' prompts.
 
-For each policy (the SFT adapter first, then each PPO run's policy):
-- rm_score: mean RM score of its sampled answers (the proxy it was optimised for);
-- gold_score: mean score by the gold labeller (the toy world's judge), when one exists;
-- win_rate_vs_sft: fraction of (prompt, sample) pairs where the gold labeller prefers its answer to
-  SFT's answer drawn with the same seed (ties 1/2);
-- kl_to_sft: mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on its own samples (k1, nats);
-- pretrain_loss: mean next-token NLL on held-out pretraining text (the "alignment tax" ptx protects).
-Answers are sampled at `temperature` with a fixed seed, the same prompts for every policy, and
-`answers_per_prompt` of them per prompt: one sample per prompt leaves a few points of sampling noise
-on ~100 prompts, larger than the effects being measured on the toy world.
+Rows (each from answers sampled with a fixed seed, the same prompts for every row):
+- sft: the SFT policy at `temperature`; max(best_of_n) answers per prompt are drawn once;
+- best_of_n: per prompt, the answer the RM scores highest among the first n SFT answers (n in
+  `best_of_n`); its KL is the exact best-of-n KL under the drawn answers' empirical distribution,
+  with the analytic bound log n - (n - 1) / n beside it (`rlhf.eval_stats`);
+- sft_t<T>: the SFT policy sampled at a lower temperature T (no RM at all);
+- every RL policy given (`policies`, `policy_dir`; a run dir or one of its checkpoints).
+Columns: rm_score (the proxy), gold_score (the toy world's judge, where there is one) with a 95%
+bootstrap interval over prompts, win_rate_vs_sft (every answer against every SFT answer to the same
+prompt, ties 1/2) and gold_gain (gold minus SFT's gold, per prompt) with intervals, kl_to_sft (k1:
+sum_t log pi(y_t) - log pi_SFT(y_t) on its own samples, nats), answer_length, cut_short (no EOS), the
+gold judge's parts (fully_correct, correctness, extra_tokens) and, for the policies, pretrain_loss
+(the "alignment tax" ptx protects). `rm_diagnostics` compares the RM with a length rule and the SFT
+log-prob on pairs of SFT answers (`rlhf.rm_diagnostics`). `gold_vs_kl.png` plots every row.
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf.config import require_path, save_config, validate
-from rlhf.data import PARTS, load_records, pad_left, pad_right, shift_labels, split_for, tokenize_pretrain, tokenize_prompts
+from rlhf.config import save_config, validate
+from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_for, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
+from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
 from rlhf.eval_plot import plot_gold_vs_kl
 from rlhf.eval_stats import (best_of_n_kl_bound, best_of_n_kl_estimate, best_of_n_pick, bootstrap_ci,
                              win_rate_per_prompt)
-from rlhf.models import ModelConfig, RoleModel
+from rlhf.models import RoleModel
 from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
 from rlhf.rm_diagnostics import JudgedAnswer, format_diagnostics, pair_diagnostics
 from rlhf.stage_dirs import adapter_dir
@@ -36,80 +41,6 @@ from rlhf.training import resolve_device, set_seed
 from rlhf_kernels import fused_linear_token_logprobs
 
 log = logging.getLogger("rlhf.eval")
-
-
-@dataclass
-class EvalData:
-    path: str = ""  # prompts; those of the `part` users are evaluated
-    pretrain: str = ""  # {"text"} records; "" skips pretrain_loss
-    split: str = ""  # split.json of train / tune / test users, the same as the stages read; "" = the split.json
-    # beside data.path (the toy world and `rlhf pipeline` write one), else users hashed with seed 0 (10% tune, 10% test)
-    part: str = "test"  # "test" for reported figures; "tune" while choosing settings (never tune on test)
-    max_prompts: int = 200  # ours: enough prompts for a win rate within a few points
-    max_prompt_length: int = 48
-    max_pretrain_length: int = 64
-    max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
-    skip_invalid: bool = False
-
-    def validate(self) -> None:
-        if self.part not in PARTS:
-            raise ConfigError(f"data.part must be one of {', '.join(PARTS)}; got {self.part!r}")
-
-
-@dataclass
-class EvalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: EvalData = field(default_factory=EvalData)
-    sft_dir: str = ""  # the SFT run: its policy adapter is the baseline and the KL reference
-    rm_dir: str = ""  # the RM run: scores the answers
-    policy_dir: str = ""  # one policy run to compare with SFT ("" = SFT alone)
-    policies: dict[str, str] = field(default_factory=dict)  # more policies: {name: run dir}
-    out_dir: str = "runs/eval"  # eval.json is written here
-    gold: str = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
-    answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
-    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # best-of-n by the RM over SFT samples
-    # (Stiennon et al. 2020): max(best_of_n) SFT samples per prompt are drawn once, each n takes a prefix
-    temperatures: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # SFT sampled colder: the
-    # baseline that needs no RM at all
-    bootstrap_resamples: int = 2000  # ours: 95% intervals over prompts, seeded by `seed`
-    batch_size: int = 64
-    seed: int = 1234  # ours: the same sampling noise for every policy
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.gold not in ("toy", "none"):
-            raise ConfigError(f"gold must be 'toy' or 'none', got {self.gold!r}")
-        if self.answers_per_prompt < 1:
-            raise ConfigError(f"answers_per_prompt must be >= 1, got {self.answers_per_prompt}")
-        if any(n < 1 for n in self.best_of_n):
-            raise ConfigError(f"best_of_n must hold n >= 1, got {self.best_of_n}")
-        if any(not t > 0 for t in self.temperatures):
-            raise ConfigError(f"temperatures must all be > 0, got {self.temperatures}")
-        if self.bootstrap_resamples < 100:
-            raise ConfigError(f"bootstrap_resamples must be >= 100 for a 95% interval, got {self.bootstrap_resamples}")
-
-    def check_inputs(self) -> None:
-        """The runs and files evaluation reads exist (before any model loads)."""
-        if not self.sft_dir or not self.rm_dir:
-            raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
-        require_path(self.model.path, "model.path", "model directory")
-        require_path(self.data.path, "data.path", "prompts file (--data prompts.jsonl)")
-        if self.data.pretrain:
-            require_path(self.data.pretrain, "data.pretrain", "pretraining file")
-        adapter_dir(self.sft_dir, "policy")
-        adapter_dir(self.rm_dir, "reward")
-        for name, run in self.all_policies().items():
-            if name != "sft":
-                adapter_dir(run, "policy")
-
-    def all_policies(self) -> dict[str, str]:
-        runs = {"sft": self.sft_dir}
-        if self.policy_dir:
-            runs["policy"] = self.policy_dir
-        runs.update(self.policies)
-        return runs
 
 
 def _gold_judge(kind: str):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,15 +25,16 @@ from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
-from rlhf.config import require_path, save_config, validate
+from rlhf.config import save_config, validate
 from rlhf.data import collate_rankings, load_records, pad_right, split_for, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import DataError
 from rlhf.metrics import MetricsLogger, postfix
-from rlhf.models import ModelConfig, RoleModel
+from rlhf.models import RoleModel
+from rlhf.reward_config import RMConfig, RMData  # noqa: F401  (re-exported: `from rlhf.reward import RMConfig`)
 from rlhf.rm_diagnostics import rm_stage_diagnostics
 from rlhf.stage_dirs import adapter_dir, mark_done
-from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
+from rlhf.training import (NonFiniteError, NonFiniteGuard, autocast, build_optimizer,
                            MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
 
 log = logging.getLogger("rlhf.reward")
@@ -60,62 +60,6 @@ def ranking_loss(scores: torch.Tensor, prompt_index: torch.Tensor, rank: torch.T
     loss = (pair_loss * weight).sum() / n_prompts
     accuracy = ((diff > 0) & pairs).sum() / pairs.sum().clamp(min=1)
     return loss, accuracy
-
-
-@dataclass
-class RMData:
-    path: str = ""  # rankings {"prompt", "responses": [best, ..., worst]} or pairwise {"chosen", "rejected"}
-    demonstrations: str = ""  # SFT demonstrations whose mean score is shifted to 0; "" = the best answers
-    split: str = ""  # split.json of train / tune / test users, shared by every stage (trains on train, validates on tune); "" = the split.json
-    # beside data.path (the toy world and `rlhf pipeline` write one), else users hashed with seed 0 (10% tune, 10% test)
-    max_length: int = 64  # ours: toy sequences are < 40 tokens
-    use_chat_template: bool = False
-    skip_invalid: bool = False
-
-
-@dataclass
-class RMConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: RMData = field(default_factory=RMData)
-    sft_dir: str = ""  # SFT run dir: the reward adapter starts from its policy adapter; "" = from scratch
-    out_dir: str = "runs/rm"
-    epochs: int = 1  # InstructGPT RM: one epoch (more overfits)
-    batch_size: int = 8  # ours: prompts (each with all its K answers) per optimiser step
-    micro_batch_size: int = 8  # ours: prompts per forward
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, min_lr_ratio=0.1))
-    # lr ours (LoRA, tiny model); cosine decay as InstructGPT's RM schedule
-    margin: float = 0.0  # Llama 2 style margin; InstructGPT uses none
-    center_coef: float = 0.0  # Eisenstein et al. 2023 / TRL center_rewards_coefficient; off as InstructGPT
-    eval_every: int = 50
-    log_every: int = 5
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
-    max_nonfinite_in_a_row: int = 3
-    auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size={self.batch_size} must be a positive multiple of "
-                              f"micro_batch_size={self.micro_batch_size}")
-        if self.center_coef < 0:
-            raise ConfigError(f"center_coef must be >= 0, got {self.center_coef}")
-        if min(self.eval_every, self.log_every, self.checkpoint_every, self.keep_last) < 1:
-            raise ConfigError("eval_every, log_every, checkpoint_every and keep_last must be >= 1")
-
-    def check_inputs(self) -> None:
-        """The paths this run reads exist (before any model loads)."""
-        require_path(self.model.path, "model.path", "model directory")
-        require_path(self.data.path, "data.path", "rankings file (--data rankings.jsonl)")
-        if self.data.demonstrations:
-            require_path(self.data.demonstrations, "data.demonstrations", "demonstrations file")
-        if self.sft_dir:
-            adapter_dir(self.sft_dir, "policy")
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

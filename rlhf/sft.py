@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,64 +17,18 @@ from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
-from rlhf.config import require_path, save_config, validate
+from rlhf.config import save_config, validate
 from rlhf.data import load_records, pad_right, shift_labels, split_for, tokenize_sft
 from rlhf.data.order import shuffled_positions
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import DataError
 from rlhf.metrics import MetricsLogger, postfix
-from rlhf.models import ModelConfig, RoleModel
+from rlhf.models import RoleModel
+from rlhf.sft_config import SFTConfig, SFTData  # noqa: F401  (re-exported: `from rlhf.sft import SFTConfig`)
 from rlhf.stage_dirs import mark_done
-from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
+from rlhf.training import (NonFiniteError, NonFiniteGuard, autocast, build_optimizer,
                            MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
 
 log = logging.getLogger("rlhf.sft")
-
-
-@dataclass
-class SFTData:
-    path: str = ""  # demonstrations: {"prompt", "completion"} or {"messages"} records
-    split: str = ""  # split.json of train / tune / test users, shared by every stage (trains on train, validates on tune); "" = the split.json
-    # beside data.path (the toy world and `rlhf pipeline` write one), else users hashed with seed 0 (10% tune, 10% test)
-    max_length: int = 64  # ours: toy sequences are < 40 tokens; longer prompts are cut from the left
-    use_chat_template: bool = False  # render prompt/completion records with the tokenizer's chat template
-    skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
-
-
-@dataclass
-class SFTConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora_dropout=0.2))
-    # InstructGPT SFT: residual dropout 0.2 (here on the LoRA branch; PPO runs with dropout off)
-    data: SFTData = field(default_factory=SFTData)
-    out_dir: str = "runs/sft"
-    epochs: int = 16  # InstructGPT SFT: 16 epochs; overfits after 1, the RM score still improves
-    batch_size: int = 32  # ours: sequences per optimiser step
-    micro_batch_size: int = 32  # ours: sequences per forward; accumulation = batch / micro
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=20, min_lr_ratio=0.1))
-    # lr ours (LoRA on a tiny model); min_lr_ratio 0.1: InstructGPT cosine decay to 10%
-    eval_every: int = 100  # ours: optimiser steps between validation passes (and at each epoch's end)
-    log_every: int = 10  # ours
-    checkpoint_every: int = 200  # ours: optimiser steps between checkpoints
-    keep_last: int = 2  # ours
-    resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
-    max_nonfinite_in_a_row: int = 3  # ours
-    auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # bf16 autocast on CUDA; fp32 on CPU
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size={self.batch_size} must be a positive multiple of "
-                              f"micro_batch_size={self.micro_batch_size}")
-        if min(self.eval_every, self.log_every, self.checkpoint_every, self.keep_last) < 1:
-            raise ConfigError("eval_every, log_every, checkpoint_every and keep_last must be >= 1")
-
-    def check_inputs(self) -> None:
-        """The paths this run reads exist (before any model loads)."""
-        require_path(self.model.path, "model.path", "model directory")
-        require_path(self.data.path, "data.path", "demonstrations file (--data sft.jsonl)")
 
 
 def _batch(examples: list[dict], rows: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

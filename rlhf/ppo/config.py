@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rlhf.config import require_path
 from rlhf.errors import ConfigError
-from rlhf.models import ModelConfig
+from rlhf.models.config import ModelConfig
 from rlhf.stage_dirs import adapter_dir
-from rlhf.training import OptimConfig
+from rlhf.optim_config import OptimConfig
 
 
 @dataclass
 class PPOData:
     path: str = ""  # RL prompts, {"prompt"} records (InstructGPT: ~31k prompts, no labels)
     pretrain: str = ""  # {"text"} records for PPO-ptx; needed when ptx_coef > 0
-    split: str = ""  # split.json of train / tune / test users, shared by every stage (PPO and ptx train on train); "" = the split.json
-    # beside data.path (the toy world and `rlhf pipeline` write one), else users hashed with seed 0 (10% tune, 10% test)
+    split: str = ""  # split.json: the train / tune / test users every stage shares (PPO and ptx train on train);
+    # "" = the split.json beside data.path (the toy world and `rlhf pipeline` write one), else hashed users
     max_prompt_length: int = 48  # ours: toy prompts are < 20 tokens; longer prompts keep their end
     max_pretrain_length: int = 64  # ours: toy pretraining texts are short
     skip_invalid: bool = False  # ours: fail loudly on bad records unless asked to skip and count
@@ -49,7 +50,7 @@ class RolloutConfig:
 @dataclass
 class KLConfig:
     coef: float = 0.02  # InstructGPT appendix C.4: KL reward coefficient beta = 0.02
-    estimator: str = "k1"  # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
+    estimator: Literal["k1", "k2", "k3"] = "k1"  # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
     target: float | None = None  # Ziegler et al. 2019 adaptive controller; None = fixed beta (InstructGPT)
     horizon: int = 10000  # Ziegler et al. 2019: horizon of the adaptive controller, in samples
 
@@ -78,7 +79,7 @@ class PPOConfig:
     data: PPOData = field(default_factory=PPOData)
     sft_dir: str = ""  # SFT run dir: its adapter initialises the policy and is the frozen reference
     rm_dir: str = ""  # RM run dir: its adapter and head are the frozen reward and initialise the value
-    out_dir: str = "runs/ppo"
+    out_dir: str = "runs/ppo"  # the run directory: policy/ and value/ adapters, config.yaml, metrics, checkpoints/
     iterations: int = 30  # ours: rollout batches; the toy world improves within ~30
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
@@ -101,10 +102,10 @@ class PPOConfig:
     checkpoint_every: int = 10  # ours: iterations between checkpoints
     keep_last: int = 2  # ours: checkpoints kept on disk
     resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
-    log_every: int = 1
-    seed: int = 0
+    log_every: int = 1  # ours: iterations between logged metrics rows
+    seed: int = 0  # python, numpy and torch seeds: sampling and the mini-batch order
     device: str = "auto"  # cuda when available, else cpu
-    precision: str = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
 
     def validate(self) -> None:
         if self.ptx_coef < 0:
@@ -131,9 +132,9 @@ class PPOConfig:
             raise ConfigError("rm_dir: PPO needs a reward model (--rm RUN_DIR)")
         if self.ptx_coef > 0 and not self.data.pretrain:
             raise ConfigError(f"ptx_coef={self.ptx_coef} needs data.pretrain (--pretrain pretrain.jsonl)")
-        require_path(self.model.path, "model.path", "model directory")
-        require_path(self.data.path, "data.path", "prompts file (--data prompts.jsonl)")
+        require_path(self.model.path, "model.path", "model directory", "--model DIR")
+        require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
         if self.data.pretrain:
-            require_path(self.data.pretrain, "data.pretrain", "pretraining file")
+            require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
         adapter_dir(self.sft_dir, "policy")
         adapter_dir(self.rm_dir, "reward")
