@@ -57,3 +57,37 @@ def test_no_pairs_gives_no_accuracies():
     d = pair_diagnostics([[JudgedAnswer(1.0, 0.0, 2), JudgedAnswer(1.0, 1.0, 3)]])
     assert d["pairs"] == 0 and d["tied_pairs_dropped"] == 1
     assert d["rm_accuracy"] is None and d["length_rule"] is None
+
+
+def test_ranking_groups_scores_each_answer_of_each_ranking_with_a_stub_length_detector_rm():
+    """`ranking_groups` on tokenised rankings, with a stub model whose RM is a pure length detector
+    (score = minus the sequence length) and whose SFT log-probs are all 0."""
+    import types
+
+    import torch
+
+    from rlhf.rm_diagnostics import ranking_groups
+
+    def reward_scores(role, input_ids, attention_mask):
+        assert role == "reward"
+        return -attention_mask.sum(dim=1).float()
+
+    def token_logprobs(role, input_ids, attention_mask, labels):
+        assert role == "sft"
+        return torch.zeros(labels.shape)
+
+    stub = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_token_id=0), reward_scores=reward_scores,
+                                 token_logprobs=token_logprobs)
+    # ranking 1: the better answer has 3 answer tokens, the worse 1 -> the length detector gets it wrong (0)
+    # ranking 2: both answers 1 token -> the length detector ties (1/2); a length-matched pair
+    examples = [{"input_ids": [[1, 2, 7, 8, 9], [1, 2, 7]], "answer_start": [2, 2]},
+                {"input_ids": [[1, 2, 5], [1, 2, 6]], "answer_start": [2, 2]}]
+    groups = ranking_groups(stub, examples, "reward", "sft", batch_size=1, device=torch.device("cpu"),
+                            precision="fp32")
+    assert [[(a.label, a.rm_score, a.length, a.logprob) for a in g] for g in groups] == [
+        [(0.0, -5.0, 3, 0.0), (-1.0, -3.0, 1, 0.0)], [(0.0, -3.0, 1, 0.0), (-1.0, -3.0, 1, 0.0)]]
+    d = pair_diagnostics(groups)
+    assert d["pairs"] == 2 and d["rm_accuracy"] == pytest.approx(0.25)  # (0 + 1/2) / 2
+    assert d["length_rule"] == "longer" and d["length_rule_accuracy"] == pytest.approx(0.75)  # (1 + 1/2) / 2
+    assert d["sft_logprob_accuracy"] == pytest.approx(0.5)  # all ties
+    assert d["length_matched_pairs"] == 1 and d["rm_accuracy_length_matched"] == pytest.approx(0.5)
