@@ -237,6 +237,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         chunks, _ = tokenize_pretrain(held_texts, model.tokenizer, cfg.data.max_pretrain_length)
         chunks = [c for c in chunks if len(c["input_ids"]) > 1][:cfg.data.max_pretrain_chunks]
     judge, details = _gold_judge(cfg.gold), _gold_details(cfg.gold)
+    results: dict[str, dict] = {}
+    sft_values: dict[str, list[list[float]]] = {}  # SFT's per-answer gold values: every row is compared with them
 
     def row_for(name: str, kind: str, samples: Samples, role: str | None) -> dict:
         row, values = summarise(samples, prompts, judge, details, sft_values.get("gold"),
@@ -249,13 +251,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         results[name] = row
         return values
 
-    results: dict[str, dict] = {}
-    sft_values: dict[str, list[list[float]]] = {}
     # the SFT policy: max(best_of_n) samples per prompt, drawn once; every best-of-n takes a prefix
     k_sft = max([cfg.answers_per_prompt, *cfg.best_of_n])
     sft = draw_samples(model, "reference", prompts, k_sft, cfg.temperature, cfg)
     sft_values.update(row_for("sft", "sft", sft, "reference"))
-    results["sft"].pop("win_rate_vs_sft", None)
     for n in cfg.best_of_n:
         picked = sft.pick([best_of_n_pick(rm, n) for rm in sft.rm])
         row_for(f"best_of_{n}", "best_of_n", picked, None)
