@@ -55,8 +55,8 @@ class PipelineConfig:
     ppo_variants: list[Literal["ppo", "ppo_ptx"]] = field(default_factory=lambda: list(PPO_VARIANTS))
     # InstructGPT compares both: PPO, and PPO-ptx with ptx_coef times the pretraining log-likelihood
     ptx_coef: float = 1.0  # used by the "ppo_ptx" variant ("ppo" has 0). InstructGPT's gamma is 27.8;
-    # ours: on the toy world 27.8 drowns the RL signal (gold score 0.65 against SFT's 0.78), 1.0 keeps
-    # PPO's gold gain while the pretraining loss falls instead of rising
+    # ours: on the earlier toy world (conciseness-rewarding judge) 27.8 drowned the RL signal (gold 0.65
+    # against SFT's 0.78) and 1.0 kept PPO's gain; not retuned for the current judge (README, toy results)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
