@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # requirement pulls a multi-GB CUDA build. With a GPU, any torch>=2.4 (CUDA) works.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 STAMP := $(VENV)/.installed
+# the TRL 1.12 peer of benchmarks/ppo_step.py (trl only, --no-deps, over our venv's packages), so the
+# benchmark smoke test that compares with it runs under `make test` too instead of being skipped
+TRL_STAMP := benchmarks/.venv-trl/.installed
 
 .PHONY: setup demo test bench-smoke clean
 
@@ -16,19 +19,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+$(TRL_STAMP): $(STAMP) benchmarks/setup_trl_venv.sh
+	bash benchmarks/setup_trl_venv.sh $(BIN)/python
+	touch $(TRL_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/rlhf pipeline --out runs/demo
 
 # Kernel tests run the Triton kernels on the CPU through the interpreter.
-test: $(STAMP)
+test: $(STAMP) $(TRL_STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -n 2 --durations=15 tests
 
 bench-smoke: $(STAMP)
-	$(BIN)/python benchmarks/kernels.py --smoke
-	$(BIN)/python benchmarks/ppo_step.py --smoke
-	$(BIN)/python benchmarks/capacity.py --smoke
+	$(BIN)/python -m benchmarks.kernel_bench --smoke
+	$(BIN)/python -m benchmarks.ppo_step --smoke
+	$(BIN)/python -m benchmarks.capacity --smoke
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv-trl runs .pytest_cache

@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except RLHFError as err:
         print(f"rlhf {name}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"rlhf {name}: interrupted; rerun with --resume auto to continue from the last checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:  # a stage's message says what exists and what a rerun does
+        print(f"rlhf {name}: {err or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

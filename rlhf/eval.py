@@ -34,11 +34,11 @@ from rlhf.eval_plot import plot_gold_vs_kl
 from rlhf.eval_stats import (best_of_n_kl_bound, best_of_n_kl_estimate, best_of_n_pick, bootstrap_ci,
                              win_rate_per_prompt)
 from rlhf.models import RoleModel
-from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
+from rlhf.ppo.rollout import answer_logprobs, sample
+from rlhf.progress import progress
 from rlhf.rm_diagnostics import JudgedAnswer, format_diagnostics, pair_diagnostics
 from rlhf.stage_dirs import adapter_dir
 from rlhf.training import resolve_device, set_seed
-from rlhf_kernels import fused_linear_token_logprobs
 
 log = logging.getLogger("rlhf.eval")
 
@@ -97,17 +97,14 @@ def draw_samples(model: RoleModel, role: str, prompts: list[dict], k: int, tempe
     flat_prompts = prompts * k  # sample i of every policy shares its prompt and seed stream
     texts, rm_scores, kls, sft_lps, lengths, cut = [], [], [], [], [], []
     torch.manual_seed(cfg.seed)  # the same noise for every policy
-    for start in range(0, len(flat_prompts), cfg.batch_size):
+    shown = "sft" if role == "reference" else role  # the SFT adapter is loaded as the reference role
+    for start in progress(range(0, len(flat_prompts), cfg.batch_size), desc=f"eval {shown} samples", unit="batch"):
         rows = flat_prompts[start:start + cfg.batch_size]
         padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
                          cfg.max_new_tokens, temperature, 1.0, role=role)
-        labels = answer_labels(rollout).reshape(-1)
-        policy_logp, sft_logp = [
-            fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, labels,
-                                        bias=model.lm_head_bias, temperature=temp).view_as(rollout.answer_mask)
-            for hidden, temp in ((answer_hidden(model, role, rollout), temperature),  # [b, T, H]
-                                 (answer_hidden(model, "reference", rollout), cfg.temperature))]  # [b, T]
+        policy_logp = answer_logprobs(model, role, rollout, temperature)  # [b, T] at its sampling temperature
+        sft_logp = answer_logprobs(model, "reference", rollout, cfg.temperature)  # [b, T]
         mask = rollout.answer_mask
         kls += ((policy_logp - sft_logp) * mask).sum(dim=1).tolist()
         sft_lps += (sft_logp * mask).sum(dim=1).tolist()
@@ -173,7 +170,8 @@ def rm_diagnostics_on(samples: Samples, gold: list[list[float]]) -> dict:
 def pretrain_loss(model: RoleModel, role: str, chunks: list[dict], batch_size: int) -> float:
     nll, tokens = 0.0, 0
     pad_id = model.tokenizer.pad_token_id
-    for start in range(0, len(chunks), batch_size):
+    shown = "sft" if role == "reference" else role
+    for start in progress(range(0, len(chunks), batch_size), desc=f"eval {shown} pretrain loss", unit="batch"):
         padded = pad_right([c["input_ids"] for c in chunks[start:start + batch_size]], pad_id)
         labels = shift_labels(padded["input_ids"], padded["answer_mask"]).to(model.device)  # [b, S]
         logprobs = model.token_logprobs(role, padded["input_ids"].to(model.device),
@@ -208,6 +206,12 @@ def format_table(result: dict) -> str:
     lines.append(f"{result['part']} prompts: {result['n_prompts']} (users never seen in training); "
                  f"{result['sft_samples_per_prompt']} SFT samples per prompt (best-of-n takes prefixes), "
                  f"{result['answers_per_prompt']} per prompt for the other rows; 95% bootstrap intervals over prompts")
+    rows = result["policies"].values()
+    if not any(row.get("gold_score") is not None for row in rows):
+        lines.append("gold_score, win_rate_vs_sft: - (they need a gold judge: --gold toy, the toy world's; "
+                     "your own data has none)")
+    if not any(row.get("pretrain_loss") is not None for row in rows):
+        lines.append("pretrain_loss: - (needs pretraining text: --pretrain pretrain.jsonl)")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from rlhf.config import require_path, save_config, validate
 from rlhf.data import SPLIT_FILE, UserSplit, load_records
 from rlhf.eval import evaluate
 from rlhf.models import ModelConfig
-from rlhf.pipeline_config import PipelineConfig, PipelineData  # noqa: F401  (re-exported: `from rlhf.pipeline import ...`)
+from rlhf.pipeline_config import PipelineConfig, PipelineData  # noqa: F401  (re-exported)
 from rlhf.ppo import train as train_ppo
 from rlhf.reward import train as train_rm
 from rlhf.sft import train as train_sft

@@ -36,7 +36,8 @@ class SFTConfig:
     log_every: int = 10  # ours: optimiser steps per logged train_loss mean
     checkpoint_every: int = 200  # ours: optimiser steps between checkpoints
     keep_last: int = 2  # ours: checkpoints kept on disk
-    resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
+    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
+    overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
     max_nonfinite_in_a_row: int = 3  # ours: a few non-finite steps are skipped; more means divergence
     auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
     seed: int = 0  # python, numpy and torch seeds, and the batch order

@@ -265,16 +265,17 @@ def fused_linear_ppo_loss(
     [chunk, V] logits.
 
     hidden: [N, H] (or [..., H]); weight [V, H], bias [V] or None, same dtype as hidden;
-    labels [N] int64, old_logp and advantages [N] detached floats, mask [N] bool; the rest as in
-    `ppo_policy_loss`; logit_scale, logit_softcap: the model's logit transform, as in
-    `fused_linear_token_logprobs`. Gradients for hidden, and for weight / bias when they require grad, are
-    computed during the forward; backward only scales them. Rows where mask is False are never
-    multiplied. Returns (loss [] fp32, {"clip_frac", "approx_kl", "entropy"} detached fp32 scalars).
-    Two host syncs: the label check and the row gather.
+    labels [N] int64, old_logp and advantages [N] detached floats, mask [N] bool (or int / float
+    {0, 1}); the rest as in `ppo_policy_loss`; logit_scale, logit_softcap: the model's logit
+    transform, as in `fused_linear_token_logprobs`. Gradients for hidden, and for weight / bias
+    when they require grad, are computed during the forward; backward only scales them. Rows where
+    mask is False are never multiplied. Returns (loss [] fp32, {"clip_frac", "approx_kl",
+    "entropy"} detached fp32 scalars). Two host syncs: the label check and the row gather (a
+    third for a non-bool mask: its values are checked).
     """
     hidden, weight, bias = _prepare_linear(hidden, weight, bias, chunk_size)
     V, H = weight.shape
-    check_policy_args(
+    mask = check_policy_args(
         "hidden", hidden, V, labels, old_logp, advantages, mask, clip_eps, clip_eps_high, temperature
     )
     transform = check_transform(logit_scale, logit_softcap)

@@ -184,18 +184,17 @@ def check_policy_args(
     logits_name, logits, vocab, labels, old_logp, advantages, mask, clip_eps, clip_eps_high, temperature
 ):
     """Shared by ppo_policy_loss and fused_linear_ppo_loss (where `logits` is the hidden [N, H]
-    and `vocab` comes from the weight): shapes, dtypes, devices, constant targets, label range."""
+    and `vocab` comes from the weight): shapes, dtypes, devices, constant targets, label range.
+    Returns the mask as bool (`_checks.as_bool_mask`)."""
     _checks.check_labels(labels, logits, logits_name)
-    _checks.check_like("old_logp", old_logp, "labels", labels)
-    _checks.check_like("advantages", advantages, "labels", labels)
-    _checks.check_like("mask", mask, "labels", labels, dtype=torch.bool)
-    _checks.check_no_grad("old_logp", old_logp)
-    _checks.check_no_grad("advantages", advantages)
+    _checks.check_targets("labels", labels, old_logp=old_logp, advantages=advantages)
+    mask = _checks.as_bool_mask("mask", mask, "labels", labels)
     _checks.check_positive("clip_eps", clip_eps)
     if clip_eps_high is not None:
         _checks.check_positive("clip_eps_high", clip_eps_high)
     _checks.check_positive("temperature", temperature)
     _checks.check_label_range(labels, vocab, mask, "where mask is True")
+    return mask
 
 
 def ppo_policy_loss(
@@ -205,8 +204,9 @@ def ppo_policy_loss(
     """Clipped PPO policy loss from logits, fused (see the module docstring for the math).
 
     logits [N, V] (or [..., V]) fp16/bf16/fp32; labels [N] int64 (the sampled tokens); old_logp,
-    advantages [N] float, detached; mask [N] bool. clip_eps: eps (InstructGPT/cleanrl 0.2);
-    clip_eps_high: upper eps (DAPO's clip-higher), default clip_eps. temperature: the sampling one.
+    advantages [N] float, detached; mask [N] bool, or integer or floating {0, 1} (checked: one more
+    host sync). clip_eps: eps (InstructGPT/cleanrl 0.2); clip_eps_high: upper eps (DAPO's
+    clip-higher), default clip_eps. temperature: the sampling one.
     grad_logits_out: optional buffer shaped and typed like logits (contiguous) that receives
     d loss / d logits during the forward and is the gradient backward passes on; may be `logits`
     itself (in place). Untouched when no gradient is needed (no_grad, or logits need none).
@@ -215,7 +215,7 @@ def ppo_policy_loss(
     """
     _checks.check_logits("logits", logits)
     V = logits.shape[-1]
-    check_policy_args(
+    mask = check_policy_args(
         "logits", logits, V, labels, old_logp, advantages, mask, clip_eps, clip_eps_high, temperature
     )
     triton_path = use_triton(backend, logits)

@@ -6,7 +6,9 @@ body whose output is the LM head's input, and the LoRA settings that fit its arc
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -14,8 +16,9 @@ from peft import LoraConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
-from rlhf.errors import ModelError
+from rlhf.errors import ConfigError, ModelError
 from rlhf.models.config import ModelConfig
 
 log = logging.getLogger("rlhf.models")
@@ -53,11 +56,15 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
+    """None or "auto": cuda when available, else cpu. The one device resolver (models, stages, eval)."""
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: '{device}' requested but CUDA is not available; use device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
     return device
 
 
@@ -109,9 +116,14 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTra
         )
         kwargs["device_map"] = {"": device}  # quantization happens as the weights land on the device
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load a causal LM from '{cfg.path}': {err}") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is more than tensors
+        raise ModelError(f"cannot load a causal LM from '{cfg.path}': its pytorch_model.bin holds more than "
+                         "plain weights (a pickle that could run code), so it was not loaded; use a "
+                         "model.safetensors copy of the model") from None
     if cfg.quantization == "none":
         model.to(device)
     else:
@@ -123,6 +135,19 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTra
     _turn_off_dropout(model)
     model.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Hide transformers' "Loading weights" bar for one load: a run loads the base once per stage (six
+    bars per demo, each a long carriage-return line in a log file); the stage's own progress says more."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _fit_embeddings_to_tokenizer(model: PreTrainedModel, tokenizer) -> None:

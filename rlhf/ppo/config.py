@@ -50,7 +50,8 @@ class RolloutConfig:
 @dataclass
 class KLConfig:
     coef: float = 0.02  # InstructGPT appendix C.4: KL reward coefficient beta = 0.02
-    estimator: Literal["k1", "k2", "k3"] = "k1"  # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
     target: float | None = None  # Ziegler et al. 2019 adaptive controller; None = fixed beta (InstructGPT)
     horizon: int = 10000  # Ziegler et al. 2019: horizon of the adaptive controller, in samples
 
@@ -101,8 +102,8 @@ class PPOConfig:
     auto_halve_micro_batch: bool = False  # ours: on CUDA OOM, halve micro_batch_size and retry
     checkpoint_every: int = 10  # ours: iterations between checkpoints
     keep_last: int = 2  # ours: checkpoints kept on disk
-    resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
-    log_every: int = 1  # ours: iterations between logged metrics rows
+    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
+    overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
     seed: int = 0  # python, numpy and torch seeds: sampling and the mini-batch order
     device: str = "auto"  # cuda when available, else cpu
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
