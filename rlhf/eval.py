@@ -203,9 +203,10 @@ def format_table(result: dict) -> str:
                 text += f" [{row[ci][0]:.2f},{row[ci][1]:.2f}]"
             cells.append(f"{text:>22}")
         lines.append(f"{name:<14}" + "".join(cells))
-    lines.append(f"{result['part']} prompts: {result['n_prompts']} (users never seen in training); "
-                 f"{result['sft_samples_per_prompt']} SFT samples per prompt (best-of-n takes prefixes), "
-                 f"{result['answers_per_prompt']} per prompt for the other rows; 95% bootstrap intervals over prompts")
+    k = result.get("answers_per_prompt", 1)
+    lines.append(f"{result.get('part', 'held-out')} prompts: {result['n_prompts']} (users never seen in training); "
+                 f"{result.get('sft_samples_per_prompt', k)} SFT samples per prompt (best-of-n takes prefixes), "
+                 f"{k} per prompt for the other rows; 95% bootstrap intervals over prompts")
     rows = result["policies"].values()
     if not any(row.get("gold_score") is not None for row in rows):
         lines.append("gold_score, win_rate_vs_sft: - (they need a gold judge: --gold toy, the toy world's; "
