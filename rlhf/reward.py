@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf import distributed
-from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
+from rlhf.data import collate_rankings, load_records, pad_right, split_for, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
 from rlhf.metrics import postfix
@@ -31,6 +31,7 @@ from rlhf.models import RoleModel
 from rlhf.stage_dirs import adapter_dir
 from rlhf.reward_config import RMConfig, RMData  # noqa: F401  (re-exported: `from rlhf.reward import RMConfig`)
 from rlhf.progress import progress
+from rlhf.rm_diagnostics import rm_stage_diagnostics
 from rlhf.stage_run import StageRun
 from rlhf.training import autocast, build_optimizer, cosine_schedule
 
@@ -145,7 +146,8 @@ def train(cfg: RMConfig) -> Path:
             return run.out
         device = run.device
         records = load_records(cfg.data.path, "rankings", skip_invalid=cfg.data.skip_invalid)
-        train_records, val_records = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
+        split = split_for(cfg.data.path, cfg.data.split)  # one user split for every stage (issue 15.1)
+        train_records, val_records = split.select(records, "train"), split.select(records, "tune")
         model = RoleModel(cfg.model, device=device)
         tokenizer = model.tokenizer
         kw = dict(use_chat_template=cfg.data.use_chat_template)
@@ -210,7 +212,11 @@ def train(cfg: RMConfig) -> Path:
         if val_examples:
             summary.update(evaluate_rankings(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision,
                                              cfg.margin))
-        run.metrics.log(total_steps, {k: v for k, v in summary.items() if k.startswith(("val_", "offset", "demo_"))})
+            # is the RM more than a length rule? (issue 15.3) RM vs length rule vs SFT log-prob on the same pairs
+            summary.update(rm_stage_diagnostics(model, val_examples, cfg.sft_dir, cfg.micro_batch_size, device,
+                                                cfg.precision))
+        run.metrics.log(total_steps, {k: v for k, v in summary.items()
+                                      if k.startswith(("val_", "offset", "demo_")) and not isinstance(v, str)})
         run.finish(steps=total_steps, **summary)
     log.info("RM done: %s", summary)
     return run.out

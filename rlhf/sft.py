@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlhf import distributed
-from rlhf.data import load_records, pad_right, shift_labels, split_by_user, tokenize_sft
+from rlhf.data import load_records, pad_right, shift_labels, split_for, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
 from rlhf.metrics import postfix
@@ -66,7 +66,8 @@ def train(cfg: SFTConfig) -> Path:
             return run.out
         device = run.device
         records = load_records(cfg.data.path, "sft", skip_invalid=cfg.data.skip_invalid)
-        train_records, val_records = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
+        split = split_for(cfg.data.path, cfg.data.split)  # one user split for every stage (issue 15.1)
+        train_records, val_records = split.select(records, "train"), split.select(records, "tune")
         model = RoleModel(cfg.model, device=device)
         tokenizer = model.tokenizer
         train_examples, _ = tokenize_sft(train_records, tokenizer, cfg.data.max_length,

@@ -287,7 +287,8 @@ def test_split_does_not_depend_on_python_hash_seed():
     child = (
         "import importlib.util, json, sys\n"
         f"spec = importlib.util.spec_from_file_location('split', {str(split_file)!r})\n"
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['split'] = module\n"  # for its dataclass
+        "spec.loader.exec_module(module)\n"
         "records = json.load(sys.stdin)\n"
         "train, val = module.split_by_user(records, 0.25, seed=3)\n"
         "print(json.dumps([r['source'] for r in val]))\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rlhf import distributed
-from rlhf.data import load_records, split_by_user
+from rlhf.data import load_records, split_for
 from rlhf.metrics import postfix
 from rlhf.models import RoleModel
 from rlhf.ppo.batches import PretrainBatches, PromptBatches
@@ -117,7 +117,8 @@ def train(cfg: PPOConfig) -> Path:
         if run.finished:
             return run.out
         prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
-        train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
+        # train users only: tune users serve choices, test users the reported evaluation (issue 15.1)
+        train_prompts = split_for(cfg.data.path, cfg.data.split).select(prompts, "train")
         model = build_roles(cfg, run.device, run.resume_from)
         prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
                                        cfg.data.max_prompt_length, cfg.seed, run.device)
@@ -125,7 +126,7 @@ def train(cfg: PPOConfig) -> Path:
         if cfg.ptx_coef > 0:
             texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
             # the held-out texts measure the pretraining loss at evaluation, so ptx never trains on them
-            texts, _ = split_by_user(texts, cfg.data.val_fraction, cfg.data.seed)
+            texts = split_for(cfg.data.pretrain, cfg.data.split).select(texts, "train")
             ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
                                           cfg.seed, run.device)
         trainer = build_trainer(cfg, model, ptx_batches, run.guard, run.halver)
