@@ -237,7 +237,8 @@ def test_the_pipeline_runs_end_to_end_on_two_processes(quick_toy_world, tmp_path
         "rm.batch_size": 8, "rm.micro_batch_size": 4, "rm.eval_every": 1000,
         "ppo.iterations": 2, "ppo.rollout.batch_size": 8, "ppo.mini_batch_size": 8, "ppo.micro_batch_size": 4,
         "ppo.ppo_epochs": 1, "ppo.rollout.max_new_tokens": 8, "ppo.ptx_batch_size": 4,
-        "eval.data.max_prompts": 16, "eval.data.max_pretrain_chunks": 16, "eval.answers_per_prompt": 2},
+        "eval.data.max_prompts": 16, "eval.data.max_pretrain_chunks": 16, "eval.answers_per_prompt": 2,
+        "eval.best_of_n": [1, 2], "eval.temperatures": [0.5], "eval.bootstrap_resamples": 200},
         timeout_s=600)
     _check(proc)
     assert "toy world already complete" in proc.stderr
@@ -246,12 +247,17 @@ def test_the_pipeline_runs_end_to_end_on_two_processes(quick_toy_world, tmp_path
     # rank 0 alone logged: each PPO iteration once
     assert [r["step"] for r in read_metrics(out / "ppo")] == [1, 2]
     rankings = [json.loads(line) for line in (out / "rm_rankings.jsonl").read_text().splitlines()]
-    assert len(rankings) > 50 and all(len(r["responses"]) >= 2 for r in rankings)  # both ranks' shares
-    assert len({r["prompt"] for r in rankings}) == len(rankings)
+    assert rankings and all(len(r["responses"]) >= 2 for r in rankings)
+    # both ranks' shares (each half of the RM prompts), gathered in the prompts' order
+    order = {json.loads(line)["prompt"]: i for i, line in enumerate(quick_toy_world.rankings.read_text().splitlines())}
+    positions = [order[r["prompt"]] for r in rankings]
+    assert positions == sorted(positions) and positions[0] < len(order) // 2 <= positions[-1]
     result = json.loads((out / "eval.json").read_text())
-    assert list(result["policies"]) == ["sft", "ppo", "ppo_ptx"] and result["n_prompts"] == 16
+    assert list(result["policies"]) == ["sft", "best_of_1", "best_of_2", "sft_t0.5", "ppo", "ppo_ptx"]
+    assert 0 < result["n_prompts"] <= 16
     assert set(result["win_rate_vs_sft"]) == {"ppo", "ppo_ptx"}
-    assert proc.stdout.count("held-out prompts: 16") == 1  # the table is printed once, by rank 0
+    assert result["policies"]["sft"]["kl_to_sft"] == 0.0  # the gathered samples line up with SFT's own
+    assert proc.stdout.count("sft_t0.5") == 1  # the table is printed once, by rank 0
 
 
 @pytest.mark.slow
