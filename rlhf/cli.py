@@ -23,6 +23,7 @@ class Command:
     entry: str
     summary: str
     aliases: tuple[tuple[str, str], ...]  # short flag -> dotted config field
+    positional: str | None = None  # dotted field a leading bare argument fills (`rlhf import-gguf FILE`)
 
 
 _BASICS = (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"))
@@ -45,6 +46,9 @@ COMMANDS = {
                     "score saved policies: RM score, gold score, win rate, KL to SFT, pretrain loss",
                     (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"), ("sft", "sft_dir"),
                      ("rm", "rm_dir"), ("policy", "policy_dir"), ("pretrain", "data.pretrain"))),
+    "import-gguf": Command("rlhf.models.gguf_import", "ImportGGUFConfig", "import_gguf_from_config",
+                           "convert a .gguf model into a Hugging Face directory (FILE.gguf --out DIR)",
+                           (("out", "out_dir"),), positional="gguf"),
 }
 
 
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(cmd.module)
         config_cls = getattr(module, cmd.config)
+        if cmd.positional and rest and not rest[0].startswith("-"):
+            rest = [f"--{cmd.positional}", *rest]
         config_path, overrides, want_help = parse_overrides(rest, dict(cmd.aliases))
         if want_help:
             try:

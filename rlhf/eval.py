@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import require_path, save_config, validate
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path, save_config, validate
 from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_by_user, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
 from rlhf.models import ModelConfig, RoleModel
@@ -43,6 +43,8 @@ class EvalData:
     max_prompt_length: int = 48
     max_pretrain_length: int = 64
     max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False
     seed: int = 0
 
@@ -78,7 +80,7 @@ class EvalConfig:
         """The runs and files evaluation reads exist (before any model loads)."""
         if not self.sft_dir or not self.rm_dir:
             raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
-        require_path(self.model.path, "model.path", "model directory")
+        require_model_source(self.model.path, "model.path")
         require_path(self.data.path, "data.path", "prompts file (--data prompts.jsonl)")
         if self.data.pretrain:
             require_path(self.data.pretrain, "data.pretrain", "pretraining file")
@@ -173,7 +175,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     records = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
     _, held_out = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
-    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length)
+    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length,
+                                  use_chat_template=cfg.data.use_chat_template)
     if not prompts:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no held-out prompts to evaluate")
     samples = prompts * cfg.answers_per_prompt  # sample i of every policy shares its prompt and seed stream

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.config import require_path, save_config, validate
+from rlhf.config import ChatTemplateSetting, require_path, save_config, validate
 from rlhf.errors import ConfigError
 from rlhf.eval import EvalConfig, evaluate
 from rlhf.models import ModelConfig
@@ -61,8 +61,10 @@ DATA_FILES = ("sft", "rankings", "prompts", "pretrain")  # <name>.jsonl in data.
 @dataclass
 class PipelineConfig:
     out_dir: str = "runs/pipeline"
-    model_path: str = ""  # a local HF model dir; "" = the toy world's pretrained base
+    model_path: str = ""  # a local HF model dir, a .gguf file or a Hub id; "" = the toy world's pretrained base
     quantization: str = "nf4"  # design card: one shared 4-bit base under every role
+    # one chat-template switch for every stage and the labelling (see rlhf.data.tokenize)
+    use_chat_template: ChatTemplateSetting = "auto"
     data: PipelineData = field(default_factory=PipelineData)
     toy: ToyConfig = field(default_factory=ToyConfig)
     rm_labels: str = "sampled"  # InstructGPT: RM data are K SFT samples ranked by labellers ("file": data.rankings)
@@ -128,7 +130,8 @@ def run(cfg: PipelineConfig) -> dict:
     if not is_done(sft_dir):
         train_sft(dataclasses.replace(
             cfg.sft, model=_model(cfg, cfg.sft.model, model_path), out_dir=str(sft_dir), resume="auto",
-            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data))))
+            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data),
+                                                    use_chat_template=cfg.use_chat_template)))
 
     rm_data = rankings
     if cfg.rm_labels == "sampled":
@@ -138,13 +141,15 @@ def run(cfg: PipelineConfig) -> dict:
 
             sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, rank, k=cfg.rm_k,
                             max_new_tokens=cfg.ppo.rollout.max_new_tokens, seed=cfg.rm.seed,
-                            max_prompt_length=cfg.ppo.data.max_prompt_length, device=device)
+                            max_prompt_length=cfg.ppo.data.max_prompt_length, device=device,
+                            use_chat_template=cfg.use_chat_template)
     rm_dir = out / "rm"
     if not is_done(rm_dir):
         train_rm(dataclasses.replace(
             cfg.rm, model=_model(cfg, cfg.rm.model, model_path), out_dir=str(rm_dir), sft_dir=str(sft_dir),
             resume="auto", device=device,
-            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data))))
+            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data),
+                                     use_chat_template=cfg.use_chat_template)))
 
     for variant in cfg.ppo_variants:
         run_dir = out / variant
@@ -154,7 +159,8 @@ def run(cfg: PipelineConfig) -> dict:
         train_ppo(dataclasses.replace(
             cfg.ppo, model=_model(cfg, cfg.ppo.model, model_path), out_dir=str(run_dir), sft_dir=str(sft_dir),
             rm_dir=str(rm_dir), ptx_coef=ptx_coef, resume="auto", device=device,
-            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain))))
+            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain),
+                                     use_chat_template=cfg.use_chat_template)))
 
     return evaluate(dataclasses.replace(
         cfg.eval, model=_model(cfg, cfg.eval.model, model_path), out_dir=str(out), sft_dir=str(sft_dir),
@@ -162,4 +168,5 @@ def run(cfg: PipelineConfig) -> dict:
         gold="toy" if cfg.uses_toy() else cfg.eval.gold, device=device,
         max_new_tokens=cfg.ppo.rollout.max_new_tokens,
         data=dataclasses.replace(cfg.eval.data, path=str(prompts), pretrain=str(pretrain),
-                                 val_fraction=cfg.ppo.data.val_fraction, seed=cfg.ppo.data.seed)))
+                                 val_fraction=cfg.ppo.data.val_fraction, seed=cfg.ppo.data.seed,
+                                 use_chat_template=cfg.use_chat_template)))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
-from rlhf.config import require_path, save_config, validate
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path, save_config, validate
 from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
@@ -67,7 +67,8 @@ class RMData:
     demonstrations: str = ""  # SFT demonstrations whose mean score is shifted to 0; "" = the best answers
     val_fraction: float = 0.1  # ours: held-out users (split by user id)
     max_length: int = 64  # ours: toy sequences are < 40 tokens
-    use_chat_template: bool = False
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False
     seed: int = 0
 
@@ -113,7 +114,7 @@ class RMConfig:
 
     def check_inputs(self) -> None:
         """The paths this run reads exist (before any model loads)."""
-        require_path(self.model.path, "model.path", "model directory")
+        require_model_source(self.model.path, "model.path")
         require_path(self.data.path, "data.path", "rankings file (--data rankings.jsonl)")
         if self.data.demonstrations:
             require_path(self.data.demonstrations, "data.demonstrations", "demonstrations file")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
                              save_trainer_state, set_rng_state)
-from rlhf.config import require_path, save_config, validate
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path, save_config, validate
 from rlhf.data import load_records, pad_right, shift_labels, split_by_user, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import ConfigError, DataError
@@ -36,7 +36,8 @@ class SFTData:
     path: str = ""  # demonstrations: {"prompt", "completion"} or {"messages"} records
     val_fraction: float = 0.1  # ours: held-out users (split by user id, as InstructGPT splits)
     max_length: int = 64  # ours: toy sequences are < 40 tokens; longer prompts are cut from the left
-    use_chat_template: bool = False  # render prompt/completion records with the tokenizer's chat template
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
     seed: int = 0
 
@@ -78,7 +79,7 @@ class SFTConfig:
 
     def check_inputs(self) -> None:
         """The paths this run reads exist (before any model loads)."""
-        require_path(self.model.path, "model.path", "model directory")
+        require_model_source(self.model.path, "model.path")
         require_path(self.data.path, "data.path", "demonstrations file (--data sft.jsonl)")
 
 

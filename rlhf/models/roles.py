@@ -188,8 +188,8 @@ class RoleModel:
         loads it) plus `head.safetensors` when the role has a head.
 
         Written by hand rather than `PeftModel.save_pretrained`, which puts any adapter not named
-        "default" in a sub-directory. Embedding rows added for a pad token are not saved: they are
-        rebuilt identically at load (see base._fit_embeddings_to_tokenizer).
+        "default" in a sub-directory. The base's embeddings are never resized (see
+        base.load_tokenizer), so the adapter loads on the model exactly as shipped.
         """
         found = self._role(role)
         out_dir = Path(out_dir)

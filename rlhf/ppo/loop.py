@@ -139,7 +139,7 @@ def train(cfg: PPOConfig) -> Path:
     train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
     model = build_roles(cfg, device, resume_from)
     prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
-                                   cfg.data.max_prompt_length, cfg.seed, device)
+                                   cfg.data.max_prompt_length, cfg.seed, device, cfg.data.use_chat_template)
     ptx_batches = None
     if cfg.ptx_coef > 0:
         texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
