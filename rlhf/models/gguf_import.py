@@ -57,6 +57,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overwr
         raise ModelError(f"output directory '{out_dir}' exists and is not empty; choose another or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp_dir.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared model directory
     try:
         _write_hf_dir(gguf_path, tmp_dir)
         if out_dir.exists():
@@ -92,7 +93,7 @@ def _check_gguf_file(gguf_path: str | os.PathLike) -> Path:
         raise ModelError(f"'{path}' is not a .gguf file")
     if not path.is_file():
         raise ModelError(f"GGUF file '{path}' does not exist")
-    return path.resolve()
+    return path.absolute()  # not resolve(): a symlinked file converts beside the link, where it was given
 
 
 def _source_stamp(gguf_path: Path) -> dict:
