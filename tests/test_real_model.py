@@ -34,7 +34,9 @@ from rlhf.sft import SFTConfig
 from rlhf.sft import train as train_sft
 from rlhf_kernels import fused_linear_token_logprobs
 
-pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
+# one xdist worker runs the whole module (`make test` passes --dist loadgroup), so each model is built once
+pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("real_model"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 # ours: short enough for 2 CPU cores; SmolLM2's template adds a ~20-token system turn to every prompt
 MAX_LENGTH = 48

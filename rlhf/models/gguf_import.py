@@ -128,3 +128,5 @@ def _write_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     plain.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)  # writes the chat template with it
     (out_dir / SOURCE_RECORD).write_text(json.dumps(_source_stamp(gguf_path)))
+    for written in out_dir.iterdir():
+        written.chmod(0o644)  # the weights file comes out private (0600); a model dir is shared like any other
