@@ -82,7 +82,7 @@ class _Role:
 class RoleModel:
     """The shared base plus its roles. See the module docstring; names follow docs/ARCHITECTURE.md.
 
-    Attributes: `config` (ModelConfig), `device`, `tokenizer` (pad distinct from EOS), `roles`.
+    Attributes: `config` (ModelConfig), `device`, `tokenizer` (its own pad, maybe the EOS), `roles`.
     Every method takes the role explicitly (`None` = the bare base, adapters disabled); the adapter
     it activates stays active until another is asked for. Forward passes run in train mode when
     autograd is recording (LoRA dropout and gradient checkpointing apply) and eval mode otherwise;
