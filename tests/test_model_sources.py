@@ -123,3 +123,17 @@ def test_import_gguf_command(tmp_path, fake_converter, capsys):
     assert cli_main(["import-gguf", str(gguf_file), "--out", str(out), "--overwrite"]) == 0
     assert cli_main(["import-gguf", str(tmp_path / "none.gguf"), "--out", str(out)]) == 2
     assert "GGUF file" in capsys.readouterr().err and len(fake_converter) == 2
+
+
+def test_a_tokenizer_whose_special_tokens_have_no_embedding_row_is_refused(tiny_model_dir, tmp_path):
+    # the embeddings are never resized, so a pad added to the tokenizer alone cannot be fed to the model
+    source_dir = tiny_model_dir("llama")
+    tokenizer = load_tokenizer(source_dir)
+    tokenizer.add_special_tokens({"pad_token": "<extra-pad>"})
+    tokenizer.save_pretrained(tmp_path)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source_dir / name, tmp_path / name)
+    from rlhf.models import ModelConfig, RoleModel
+
+    with pytest.raises(ModelError, match=r"the tokenizer's pad_token id \d+ has no embedding row \(the model has"):
+        RoleModel(ModelConfig(path=str(tmp_path), quantization="none"), device="cpu")
