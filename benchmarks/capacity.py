@@ -11,29 +11,24 @@ provider stops at its first rung that does not fit (memory grows with the rung);
 last rung that did.
 
 Usage:
-  python benchmarks/capacity.py --smoke                         # CPU, tiny rungs, seconds
-  python benchmarks/capacity.py --smoke --budget-mib 1          # CPU: nothing fits (search logic)
-  python benchmarks/capacity.py --batch 16 --answer-len 1024 --peer trl    # GPU: the real ladder
-  python benchmarks/capacity.py --rungs 7b 8b 14b --batch 16 --answer-len 1024   # some rungs only
+  python -m benchmarks.capacity --smoke                         # CPU, tiny rungs, seconds
+  python -m benchmarks.capacity --smoke --budget-mib 1          # CPU: nothing fits (search logic)
+  python -m benchmarks.capacity --batch 16 --answer-len 1024 --peer trl    # GPU: the real ladder
+  python -m benchmarks.capacity --rungs 7b 8b 14b --batch 16 --answer-len 1024   # some rungs only
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # see ppo_step.py
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import ppo_step  # noqa: E402
-from benchmarks._common import ROOT, Shape, build_model_dir, environment, package_version, write_json  # noqa: E402
+from benchmarks import ppo_step
+from benchmarks._common import ROOT, Shape, build_model_dir, environment, package_version, write_json
 
 # name -> (hidden, intermediate, layers, heads, kv_heads): public configs of models of each size
 # (Qwen2 0.5B/1.5B, Qwen2.5 3B/7B/14B/32B, Llama 3 8B/70B), at the vocabulary given by --vocab.

@@ -24,13 +24,13 @@ Memory: CUDA max_memory_allocated / max_memory_reserved since after loading (res
 and the worker process's peak resident set (ru_maxrss, loading included).
 
 Usage:
-  python benchmarks/ppo_step.py --smoke                              # tiny, CPU, seconds
-  python benchmarks/ppo_step.py --shape tiny --peer trl              # issue 8's CPU comparison
-  python benchmarks/ppo_step.py --shape tiny --quantization none --peer trl
-  python benchmarks/ppo_step.py --shape tiny --peer trl --rounds 4   # alternating rounds, paired ratios
-  python benchmarks/ppo_step.py --shape tiny --providers ours --profile   # + per-step timers, op table
-  python benchmarks/ppo_step.py --shape 0.5b --batch 64 --answer-len 128 --peer trl   # GPU
-  python benchmarks/ppo_step.py --shape 8b --batch 16 --answer-len 1024 --lora-r 16   # GPU
+  python -m benchmarks.ppo_step --smoke                              # tiny, CPU, seconds
+  python -m benchmarks.ppo_step --shape tiny --peer trl              # issue 8's CPU comparison
+  python -m benchmarks.ppo_step --shape tiny --quantization none --peer trl
+  python -m benchmarks.ppo_step --shape tiny --peer trl --rounds 4   # alternating rounds, paired ratios
+  python -m benchmarks.ppo_step --shape tiny --providers ours --profile   # + per-step timers, op table
+  python -m benchmarks.ppo_step --shape 0.5b --batch 64 --answer-len 128 --peer trl   # GPU
+  python -m benchmarks.ppo_step --shape 8b --batch 16 --answer-len 1024 --lora-r 16   # GPU
 Writes JSON (default benchmarks/results/ppo_step-<shape>-<quant>-<device>[-smoke].json) with the device,
 torch/triton/transformers/peft/bitsandbytes/trl versions, the commit and the date.
 """
@@ -47,15 +47,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-# benchmarks/ must not be on sys.path: its kernels.py would shadow the `kernels` package that
-# transformers and bitsandbytes import. The repository root goes there instead (benchmarks._common, rlhf).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._common import (ROOT, SHAPES, build_model_dir, environment, package_version, peak_rss_mib,  # noqa: E402
+from benchmarks._common import (ROOT, SHAPES, build_model_dir, environment, package_version, peak_rss_mib,
                      percentile_summary, prompt_texts, shape_from_json, shape_to_json, write_json)
 
 TRL_PYTHON = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
@@ -261,10 +255,10 @@ def worker_command(provider: str, settings_path: Path, out_path: Path) -> list[s
     if provider.startswith("trl"):
         if not TRL_PYTHON.exists():
             raise SystemExit(f"--peer trl needs {TRL_PYTHON}: run `bash benchmarks/setup_trl_venv.sh` first")
-        script = ROOT / "benchmarks" / "trl_peer.py"
         extra = ["--no-gc"] if provider == "trl-nogc" else []
-        return [str(TRL_PYTHON), str(script), "--settings", str(settings_path), "--out", str(out_path), *extra]
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", str(settings_path), "--worker-out",
+        return [str(TRL_PYTHON), "-m", "benchmarks.trl_peer", "--settings", str(settings_path), "--out",
+                str(out_path), *extra]
+    return [sys.executable, "-m", "benchmarks.ppo_step", "--worker", str(settings_path), "--worker-out",
             str(out_path)]
 
 
@@ -277,8 +271,9 @@ def run_provider(provider: str, settings: dict, workdir: Path, timeout: float | 
     out_path.unlink(missing_ok=True)
     env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
     try:
-        proc = subprocess.run(worker_command(provider, settings_path, out_path), env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        # cwd = the repository root: the workers run as `python -m benchmarks.<name>`
+        proc = subprocess.run(worker_command(provider, settings_path, out_path), env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout} s"}
     if proc.returncode != 0 or not out_path.exists():

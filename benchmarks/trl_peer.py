@@ -1,6 +1,7 @@
 """The TRL peer of benchmarks/ppo_step.py: trl==1.12.0 `trl.experimental.ppo.PPOTrainer` at ppo_step's settings.
 
-Run by ppo_step.py with benchmarks/.venv-trl/bin/python (benchmarks/setup_trl_venv.sh); reads the
+Run by ppo_step.py as `benchmarks/.venv-trl/bin/python -m benchmarks.trl_peer` from the repository
+root (the venv made by benchmarks/setup_trl_venv.sh); reads the
 settings JSON ppo_step wrote and writes a result JSON of the same form as ours.
 
 Closest configuration TRL can express to ours (what differs is said in the table):
@@ -31,21 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import types
 from pathlib import Path
 
-# benchmarks/ must not be on sys.path: its kernels.py would shadow the `kernels` package that
-# transformers and bitsandbytes import. The repository root goes there instead (benchmarks._common, rlhf).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._common import percentile_summary, peak_rss_mib, prompt_texts, shape_from_json, write_json  # noqa: E402
+from benchmarks._common import percentile_summary, peak_rss_mib, prompt_texts, shape_from_json, write_json
 
 LLAMA_STYLE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -8,18 +8,21 @@ line, without a traceback.
 from __future__ import annotations
 
 import importlib
-import logging
+import os
 import sys
+import textwrap
 from dataclasses import dataclass
 
+import rlhf
 from rlhf.config import field_help, load_config
 from rlhf.errors import ConfigError, RLHFError
 
 
 @dataclass(frozen=True)
 class Command:
-    module: str  # where the config class and the entry function live
+    config_module: str  # torch-free: all `--help` and config checks import
     config: str
+    module: str  # where the entry function lives (imports torch)
     entry: str
     summary: str
     aliases: tuple[tuple[str, str], ...]  # short flag -> dotted config field
@@ -29,24 +32,27 @@ class Command:
 _BASICS = (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"))
 
 COMMANDS = {
-    "toy": Command("rlhf.toy.command", "ToyRunConfig", "write_toy_world_from_config",
+    "toy": Command("rlhf.toy.config", "ToyRunConfig", "rlhf.toy.command", "write_toy_world_from_config",
                    "write the offline toy world (data files + a pretrained tiny model)",
                    (("out", "out_dir"),)),
-    "sft": Command("rlhf.sft", "SFTConfig", "train", "stage 1: supervised fine-tuning of the policy adapter",
-                   _BASICS),
-    "rm": Command("rlhf.reward", "RMConfig", "train", "stage 2: reward model from ranked answers",
+    "sft": Command("rlhf.sft_config", "SFTConfig", "rlhf.sft", "train",
+                   "stage 1: supervised fine-tuning of the policy adapter", _BASICS),
+    "rm": Command("rlhf.reward_config", "RMConfig", "rlhf.reward", "train",
+                  "stage 2: reward model from ranked answers",
                   _BASICS + (("sft", "sft_dir"), ("demos", "data.demonstrations"))),
-    "ppo": Command("rlhf.ppo", "PPOConfig", "train", "stage 3: PPO / PPO-ptx against the reward model",
+    "ppo": Command("rlhf.ppo.config", "PPOConfig", "rlhf.ppo", "train",
+                   "stage 3: PPO / PPO-ptx against the reward model",
                    _BASICS + (("sft", "sft_dir"), ("rm", "rm_dir"), ("pretrain", "data.pretrain"),
                               ("ptx_coef", "ptx_coef"))),
-    "pipeline": Command("rlhf.pipeline", "PipelineConfig", "run",
+    "pipeline": Command("rlhf.pipeline_config", "PipelineConfig", "rlhf.pipeline", "run",
                         "SFT -> RM -> PPO end to end (no arguments: the toy world)",
                         (("out", "out_dir"), ("model", "model_path"), ("data", "data.dir"))),
-    "eval": Command("rlhf.eval", "EvalConfig", "evaluate",
+    "eval": Command("rlhf.eval_config", "EvalConfig", "rlhf.eval", "evaluate",
                     "score saved policies: RM score, gold score, win rate, KL to SFT, pretrain loss",
                     (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"), ("sft", "sft_dir"),
                      ("rm", "rm_dir"), ("policy", "policy_dir"), ("pretrain", "data.pretrain"))),
-    "import-gguf": Command("rlhf.models.gguf_import", "ImportGGUFConfig", "import_gguf_from_config",
+    "import-gguf": Command("rlhf.models.gguf_import", "ImportGGUFConfig", "rlhf.models.gguf_import",
+                           "import_gguf_from_config",
                            "convert a .gguf model into a Hugging Face directory (FILE.gguf --out DIR)",
                            (("out", "out_dir"),), positional="gguf"),
 }
@@ -55,7 +61,8 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: rlhf <command> [--config FILE.yaml] [--field value ...]", "", "commands:"]
     lines += [f"  {name:<9} {cmd.summary}" for name, cmd in COMMANDS.items()]
-    lines += ["", "`rlhf <command> --help` lists every field of that command's config."]
+    lines += ["", "`rlhf <command> --help` lists every field of that command's config, with its default and why.",
+              "`rlhf --version` prints the version."]
     return "\n".join(lines)
 
 
@@ -65,10 +72,32 @@ def _command_help(name: str, cmd: Command, config_cls: type) -> str:
         lines.append("shortcuts:")
         lines += [f"  --{short:<10} = --{dotted}" for short, dotted in cmd.aliases]
         lines.append("")
-    lines.append("config fields (dotted names for nested fields; values are parsed as YAML):")
-    for dotted, type_name, default in field_help(config_cls):
-        lines.append(f"  --{dotted:<32} {type_name:<18} default {default}")
+    lines.append("config fields: dotted names for nested fields, values parsed as YAML; each default is what")
+    lines.append(f"`rlhf {name}` runs with, each note where that default comes from ({{a,b}}: the allowed values)")
+    lines.append("")
+    wrap = dict(width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    for row in field_help(config_cls):
+        if row.group:
+            lines += ["", f"  {row.name}.* ({row.type})"]
+            lines += textwrap.wrap(row.why, **wrap)
+            continue
+        group = row.name.rpartition(".")[0]
+        note = f", see {group}.* above; {row.class_default}" if row.class_default else ""
+        lines.append(f"  --{row.name} {row.type}  (default: {row.default}{note})")
+        lines += textwrap.wrap(row.why, **wrap)
     return "\n".join(lines)
+
+
+def _write(text: str, stream=None) -> None:
+    """print(), but a reader that stops early (`rlhf -h | head -3`) ends the output quietly."""
+    stream = stream or sys.stdout
+    try:
+        print(text, file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        # whatever is still buffered would fail again at exit: point stdout at /dev/null (Python docs,
+        # "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def parse_overrides(args: list[str], aliases: dict[str, str]) -> tuple[str | None, dict[str, str], bool]:
@@ -101,37 +130,32 @@ def parse_overrides(args: list[str], aliases: dict[str, str]) -> tuple[str | Non
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        _write(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        _write(f"rlhf {rlhf.__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"rlhf: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
     cmd = COMMANDS[name]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    # bitsandbytes warns at import on every CPU machine that an optional faster CPU kernel is absent
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # progress lines: the `rlhf` logger prints them as it does for Python API users (rlhf/__init__.py)
     try:
-        module = importlib.import_module(cmd.module)
-        config_cls = getattr(module, cmd.config)
+        config_cls = getattr(importlib.import_module(cmd.config_module), cmd.config)
         if cmd.positional and rest and not rest[0].startswith("-"):
             rest = [f"--{cmd.positional}", *rest]
         config_path, overrides, want_help = parse_overrides(rest, dict(cmd.aliases))
         if want_help:
-            try:
-                print(_command_help(name, cmd, config_cls))
-            except BrokenPipeError:  # `rlhf ppo --help | head`
-                pass
+            _write(_command_help(name, cmd, config_cls))
             return 0
         cfg = load_config(config_cls, config_path, overrides)
-        getattr(module, cmd.entry)(cfg)
+        getattr(importlib.import_module(cmd.module), cmd.entry)(cfg)  # the first torch import
     except RLHFError as err:
         print(f"rlhf {name}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"rlhf {name}: interrupted; rerun with --resume auto to continue from the last checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:  # a stage's message says what exists and what a rerun does
+        print(f"rlhf {name}: {err or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

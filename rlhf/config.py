@@ -9,7 +9,6 @@ did-you-mean) and wrongly typed values, naming the dotted field each time. The d
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import types
@@ -19,7 +18,9 @@ from typing import Any, Literal, Mapping, TypeVar, Union
 
 import yaml
 
+from rlhf.config_hints import typed_key, unknown_key_hint
 from rlhf.errors import ConfigError
+from rlhf.field_docs import field_docs
 
 C = TypeVar("C")
 
@@ -30,11 +31,6 @@ ChatTemplateSetting = Union[Literal["auto"], bool]
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def _did_you_mean(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(choices))}"
 
 
 def _type_name(tp: Any) -> str:
@@ -115,13 +111,16 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def from_dict(cls: type[C], values: Mapping[str, Any], prefix: str = "", base: C | None = None) -> C:
+def from_dict(cls: type[C], values: Mapping[str, Any], prefix: str = "", base: C | None = None,
+              root: type | None = None) -> C:
     """Build dataclass `cls` from a (nested) mapping; unknown keys and bad types raise ConfigError.
 
     Fields absent from `values` keep their defaults, those of `base` when given. A nested dataclass
     given as a mapping starts from the enclosing field's own default, so `model.path` alone keeps
     the rest of SFTConfig's `ModelConfig(lora_dropout=0.2)` rather than falling back to ModelConfig().
+    `root` is the outermost config class (`cls` at the top): unknown keys are matched against all its names.
     """
+    root = root or cls
     types_by_name = _field_types(cls)
     fields_by_name = {f.name: f for f in dataclasses.fields(cls) if f.init}
     names = list(fields_by_name)
@@ -129,11 +128,13 @@ def from_dict(cls: type[C], values: Mapping[str, Any], prefix: str = "", base: C
     for key, value in values.items():
         where = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ConfigError(f"unknown config key '{where}'{_did_you_mean(key, names)}")
+            typed = typed_key(where, value)
+            hint = unknown_key_hint(typed, key, root, names, f"{prefix}." if prefix else "")
+            raise ConfigError(f"unknown config key '{typed}'{hint}")
         tp = types_by_name[key]
         if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             default = getattr(base, key) if base is not None else _field_default(fields_by_name[key])
-            kwargs[key] = from_dict(tp, value, where, default if isinstance(default, tp) else None)
+            kwargs[key] = from_dict(tp, value, where, default if isinstance(default, tp) else None, root)
         else:
             kwargs[key] = _coerce(value, tp, where)
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
@@ -227,13 +228,15 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def require_path(value: str, field: str, kind: str = "path") -> Path:
-    """A config path that must exist before any work starts."""
+def require_path(value: str, field: str, kind: str = "path", flag: str = "") -> Path:
+    """A config path that must exist before any work starts. `flag`: the CLI's way to give it
+    (`--data sft.jsonl`), named in the message beside the field."""
     if not value:
-        raise ConfigError(f"{field}: a {kind} is required")
+        raise ConfigError(f"{field}: a {kind} is required" + (f" ({flag})" if flag else ""))
     path = Path(value)
     if not path.exists():
-        raise ConfigError(f"{field}: {kind} '{value}' does not exist")
+        where = f"{field} ({flag.split()[0]})" if flag else field
+        raise ConfigError(f"{where}: {kind} '{value}' does not exist")
     return path
 
 
@@ -247,30 +250,68 @@ def looks_like_hub_id(value: str) -> bool:
     return bool(_HUB_ID.fullmatch(value)) and ".." not in value and not value.endswith(".gguf")
 
 
-def require_model_source(value: str, field: str) -> None:
+def require_model_source(value: str, field: str, flag: str = "--model") -> None:
     """A model given as a local directory, a .gguf file or a Hugging Face Hub id, checked before any work."""
     if not value:
-        raise ConfigError(f"{field}: a model is required (a local Hugging Face directory, a .gguf file or a Hub id)")
+        raise ConfigError(f"{field}: a model is required ({flag} DIR, FILE.gguf or a Hub id)")
     if Path(value).exists() or looks_like_hub_id(value):
         return
-    raise ConfigError(f"{field}: model '{value}' does not exist (expected a local Hugging Face directory, "
+    raise ConfigError(f"{field} ({flag}): model '{value}' does not exist (expected a local Hugging Face directory, "
                       "a .gguf file or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
 
 
-def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, type, default) for every leaf field: the CLI's --help table."""
-    rows = []
+class FieldHelp(typing.NamedTuple):
+    name: str  # dotted
+    type: str  # "{nf4,none}" for a Literal
+    default: str  # as YAML would write it
+    why: str  # the field's source comment ("" when it has none)
+    group: bool = False  # a nested dataclass (a heading over its fields), not a leaf
+    # when the enclosing config changes this default (its note on the group says why): the default of
+    # the field's own class, e.g. "OptimConfig: 0.001" under PPOConfig.optim; else ""
+    class_default: str = ""
+
+
+def field_help(cfg: Any, prefix: str = "") -> list[FieldHelp]:
+    """Every field of config `cfg` (a dataclass or an instance): the leaves of each level, then its groups
+    (a heading row, then their fields).
+
+    Defaults are read from an instance, so they are the values a run would use: `SFTConfig().optim.lr`
+    is 2e-3 even though `OptimConfig().lr` is 1e-3.
+    """
+    instance = cfg() if isinstance(cfg, type) else cfg
+    cls = type(instance)
+    docs = field_docs(cls)
+    types_by_name = _field_types(cls)
+    own_defaults = cls() if prefix else instance  # the class's own defaults, to spot what a parent changed
+    leaves, groups = [], []
     for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
-        tp = _field_types(cls)[f.name]
+        name, tp, value = f"{prefix}{f.name}", types_by_name[f.name], getattr(instance, f.name)
         if dataclasses.is_dataclass(tp):
-            rows.extend(field_help(tp, prefix=name + "."))
+            groups.append(FieldHelp(name, tp.__name__, "", docs.get(f.name, ""), group=True))
+            groups.extend(field_help(value, prefix=name + "."))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
-        else:
-            default = "(required)"
-        rows.append((name, _type_name(tp), default))
-    return rows
+        own = getattr(own_defaults, f.name)
+        leaves.append(FieldHelp(name, _help_type(tp), _yaml_value(value), docs.get(f.name, ""),
+                                class_default=f"{cls.__name__}: {_yaml_value(own)}" if value != own else ""))
+    return leaves + groups
+
+
+def _help_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("null" if arg is type(None) else _help_type(arg) for arg in typing.get_args(tp))
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return f"list[{_help_type(item)}]"
+    if origin is dict:
+        key, value = typing.get_args(tp) or (Any, Any)
+        return f"dict[{_help_type(key)}, {_help_type(value)}]"
+    return _type_name(tp)
+
+
+def _yaml_value(value: Any) -> str:
+    """How the value is written on the command line or in YAML (`null`, `''`, `[ppo, ppo_ptx]`)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()

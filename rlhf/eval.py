@@ -17,85 +17,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhf.config import ChatTemplateSetting, require_model_source, require_path, save_config, validate
+from rlhf.config import save_config, validate
 from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_by_user, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
-from rlhf.models import ModelConfig, RoleModel
-from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
+from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
+from rlhf.models import RoleModel
+from rlhf.ppo.rollout import answer_logprobs, sample
+from rlhf.progress import progress
 from rlhf.stage_dirs import adapter_dir
 from rlhf.training import resolve_device, set_seed
-from rlhf_kernels import fused_linear_token_logprobs
 
 log = logging.getLogger("rlhf.eval")
-
-
-@dataclass
-class EvalData:
-    path: str = ""  # prompts; the held-out users' prompts are evaluated (same split as PPO)
-    pretrain: str = ""  # {"text"} records; "" skips pretrain_loss
-    val_fraction: float = 0.1  # must match the PPO run's split so its training users stay out
-    max_prompts: int = 200  # ours: enough prompts for a win rate within a few points
-    max_prompt_length: int = 48
-    max_pretrain_length: int = 64
-    max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
-    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
-    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
-    skip_invalid: bool = False
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-
-
-@dataclass
-class EvalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: EvalData = field(default_factory=EvalData)
-    sft_dir: str = ""  # the SFT run: its policy adapter is the baseline and the KL reference
-    rm_dir: str = ""  # the RM run: scores the answers
-    policy_dir: str = ""  # one policy run to compare with SFT ("" = SFT alone)
-    policies: dict[str, str] = field(default_factory=dict)  # more policies: {name: run dir}
-    out_dir: str = "runs/eval"  # eval.json is written here
-    gold: str = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
-    answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
-    batch_size: int = 64
-    seed: int = 1234  # ours: the same sampling noise for every policy
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.gold not in ("toy", "none"):
-            raise ConfigError(f"gold must be 'toy' or 'none', got {self.gold!r}")
-        if self.answers_per_prompt < 1:
-            raise ConfigError(f"answers_per_prompt must be >= 1, got {self.answers_per_prompt}")
-
-    def check_inputs(self) -> None:
-        """The runs and files evaluation reads exist (before any model loads)."""
-        if not self.sft_dir or not self.rm_dir:
-            raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
-        require_model_source(self.model.path, "model.path")
-        require_path(self.data.path, "data.path", "prompts file (--data prompts.jsonl)")
-        if self.data.pretrain:
-            require_path(self.data.pretrain, "data.pretrain", "pretraining file")
-        adapter_dir(self.sft_dir, "policy")
-        adapter_dir(self.rm_dir, "reward")
-        for name, run in self.all_policies().items():
-            if name != "sft":
-                adapter_dir(run, "policy")
-
-    def all_policies(self) -> dict[str, str]:
-        runs = {"sft": self.sft_dir}
-        if self.policy_dir:
-            runs["policy"] = self.policy_dir
-        runs.update(self.policies)
-        return runs
 
 
 def _gold_judge(kind: str):
@@ -111,18 +47,13 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
     tokenizer = model.tokenizer
     texts, rm_scores, kls, lengths = [], [], [], []
     torch.manual_seed(cfg.seed)  # the same noise for every policy
-    for start in range(0, len(prompts), cfg.batch_size):
+    shown = "sft" if role == "reference" else role  # the SFT adapter is loaded as the reference role
+    for start in progress(range(0, len(prompts), cfg.batch_size), desc=f"eval {shown} samples", unit="batch"):
         rows = prompts[start:start + cfg.batch_size]
         padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
                          cfg.max_new_tokens, cfg.temperature, 1.0, role=role)
-        labels = answer_labels(rollout).reshape(-1)
-        logp = {}
-        for name in (role, "reference"):
-            hidden = answer_hidden(model, name, rollout)  # [b, T, H]
-            logp[name] = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
-                                                     labels, bias=model.lm_head_bias,
-                                                     temperature=cfg.temperature).view_as(rollout.answer_mask)
+        logp = {name: answer_logprobs(model, name, rollout, cfg.temperature) for name in (role, "reference")}  # [b, T]
         kls.append(((logp[role] - logp["reference"]) * rollout.answer_mask).sum(dim=1))  # [b]
         rm_scores.append(model.reward_scores("reward", rollout.sequences, rollout.attention_mask).float())
         lengths.append(rollout.answer_mask.sum(dim=1).float())
@@ -135,7 +66,8 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
 def pretrain_loss(model: RoleModel, role: str, chunks: list[dict], batch_size: int) -> float:
     nll, tokens = 0.0, 0
     pad_id = model.tokenizer.pad_token_id
-    for start in range(0, len(chunks), batch_size):
+    shown = "sft" if role == "reference" else role
+    for start in progress(range(0, len(chunks), batch_size), desc=f"eval {shown} pretrain loss", unit="batch"):
         padded = pad_right([c["input_ids"] for c in chunks[start:start + batch_size]], pad_id)
         labels = shift_labels(padded["input_ids"], padded["answer_mask"]).to(model.device)  # [b, S]
         logprobs = model.token_logprobs(role, padded["input_ids"].to(model.device),
@@ -157,6 +89,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<10}" + "".join(cells))
     lines.append(f"held-out prompts: {result['n_prompts']} (users not seen in training), "
                  f"{result.get('answers_per_prompt', 1)} sampled answers each")
+    rows = result["policies"].values()
+    if not any(row.get("gold_score") is not None for row in rows):
+        lines.append("gold_score, win_rate_vs_sft: - (they need a gold judge: --gold toy, the toy world's; "
+                     "your own data has none)")
+    if not any(row.get("pretrain_loss") is not None for row in rows):
+        lines.append("pretrain_loss: - (needs pretraining text: --pretrain pretrain.jsonl)")
     return "\n".join(lines)
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.data import load_records, pad_left, tokenize_prompts
 from rlhf.models import ModelConfig, RoleModel
 from rlhf.ppo.rollout import sample
+from rlhf.progress import progress
 from rlhf.stage_dirs import adapter_dir
 
 log = logging.getLogger("rlhf.labelling")
@@ -39,7 +39,7 @@ def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_
     examples, _ = tokenize_prompts(records, tokenizer, max_prompt_length, use_chat_template=use_chat_template)
     torch.manual_seed(seed)
     rankings, skipped = [], 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="label", unit="batch"):
+    for start in progress(range(0, len(examples), batch_size), desc="label", unit="batch"):
         rows = examples[start:start + batch_size]
         padded = pad_left([e["input_ids"] for e in rows for _ in range(k)], tokenizer.pad_token_id)  # [b*K, P]
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),

@@ -17,24 +17,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state, save_checkpoint,
-                             save_trainer_state, set_rng_state)
-from rlhf.config import ChatTemplateSetting, require_model_source, require_path, save_config, validate
 from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
-from rlhf.errors import ConfigError, DataError
-from rlhf.metrics import MetricsLogger, postfix
-from rlhf.models import ModelConfig, RoleModel
-from rlhf.stage_dirs import adapter_dir, mark_done
-from rlhf.training import (NonFiniteError, NonFiniteGuard, OptimConfig, autocast, build_optimizer,
-                           MicroBatchHalver, cosine_schedule, resolve_device, set_seed)
+from rlhf.errors import DataError
+from rlhf.metrics import postfix
+from rlhf.models import RoleModel
+from rlhf.stage_dirs import adapter_dir
+from rlhf.reward_config import RMConfig, RMData  # noqa: F401  (re-exported: `from rlhf.reward import RMConfig`)
+from rlhf.progress import progress
+from rlhf.stage_run import StageRun
+from rlhf.training import autocast, build_optimizer, cosine_schedule
 
 log = logging.getLogger("rlhf.reward")
 
@@ -59,67 +56,6 @@ def ranking_loss(scores: torch.Tensor, prompt_index: torch.Tensor, rank: torch.T
     loss = (pair_loss * weight).sum() / n_prompts
     accuracy = ((diff > 0) & pairs).sum() / pairs.sum().clamp(min=1)
     return loss, accuracy
-
-
-@dataclass
-class RMData:
-    path: str = ""  # rankings {"prompt", "responses": [best, ..., worst]} or pairwise {"chosen", "rejected"}
-    demonstrations: str = ""  # SFT demonstrations whose mean score is shifted to 0; "" = the best answers
-    val_fraction: float = 0.1  # ours: held-out users (split by user id)
-    max_length: int = 64  # ours: toy sequences are < 40 tokens
-    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
-    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
-    skip_invalid: bool = False
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-
-
-@dataclass
-class RMConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: RMData = field(default_factory=RMData)
-    sft_dir: str = ""  # SFT run dir: the reward adapter starts from its policy adapter; "" = from scratch
-    out_dir: str = "runs/rm"
-    epochs: int = 1  # InstructGPT RM: one epoch (more overfits)
-    batch_size: int = 8  # ours: prompts (each with all its K answers) per optimiser step
-    micro_batch_size: int = 8  # ours: prompts per forward
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, min_lr_ratio=0.1))
-    # lr ours (LoRA, tiny model); cosine decay as InstructGPT's RM schedule
-    margin: float = 0.0  # Llama 2 style margin; InstructGPT uses none
-    center_coef: float = 0.0  # Eisenstein et al. 2023 / TRL center_rewards_coefficient; off as InstructGPT
-    eval_every: int = 50
-    log_every: int = 5
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
-    max_nonfinite_in_a_row: int = 3
-    auto_halve_micro_batch: bool = False  # ours: on out-of-memory, halve micro_batch_size and retry the step
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size={self.batch_size} must be a positive multiple of "
-                              f"micro_batch_size={self.micro_batch_size}")
-        if self.center_coef < 0:
-            raise ConfigError(f"center_coef must be >= 0, got {self.center_coef}")
-        if min(self.eval_every, self.log_every, self.checkpoint_every, self.keep_last) < 1:
-            raise ConfigError("eval_every, log_every, checkpoint_every and keep_last must be >= 1")
-
-    def check_inputs(self) -> None:
-        """The paths this run reads exist (before any model loads)."""
-        require_model_source(self.model.path, "model.path")
-        require_path(self.data.path, "data.path", "rankings file (--data rankings.jsonl)")
-        if self.data.demonstrations:
-            require_path(self.data.demonstrations, "data.demonstrations", "demonstrations file")
-        if self.sft_dir:
-            adapter_dir(self.sft_dir, "policy")
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -161,7 +97,7 @@ def demonstration_scores(model: RoleModel, examples: list[dict], batch_size: int
                          device: torch.device, precision: str) -> torch.Tensor:
     """RM scores of (prompt, demonstration) sequences. -> [n]"""
     scores = []
-    for start in range(0, len(examples), batch_size):
+    for start in progress(range(0, len(examples), batch_size), desc="rm demonstration scores", unit="batch"):
         rows = examples[start:start + batch_size]
         padded = _to(pad_right([e["input_ids"] for e in rows], pad_id), device)
         with autocast(device, precision):
@@ -196,111 +132,72 @@ def normalise(model: RoleModel, cfg: RMConfig, rankings: list[dict]) -> dict[str
 
 def train(cfg: RMConfig) -> Path:
     """Train the reward adapter and head; returns the run dir (adapter + head in `<out>/reward`)."""
-    validate(cfg)
-    cfg.check_inputs()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = resolve_resume(out, cfg.resume, cfg)  # before config.yaml is replaced
-    save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg.device)
-    set_seed(cfg.seed)
+    with StageRun(cfg, "rm", "reward-model training", ["micro_batch_size", "data.max_length"]) as run:
+        if run.finished:
+            return run.out
+        device = run.device
+        records = load_records(cfg.data.path, "rankings", skip_invalid=cfg.data.skip_invalid)
+        train_records, val_records = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
+        model = RoleModel(cfg.model, device=device)
+        tokenizer = model.tokenizer
+        kw = dict(use_chat_template=cfg.data.use_chat_template)
+        train_examples, _ = tokenize_rankings(train_records, tokenizer, cfg.data.max_length, **kw)
+        val_examples, _ = tokenize_rankings(val_records, tokenizer, cfg.data.max_length, **kw)
+        if not train_examples:
+            raise DataError(f"{cfg.data.path}: no rankings left after the split and truncation")
+        log.info("RM: %d train / %d validation rankings", len(train_examples), len(val_examples))
+        sft_policy = adapter_dir(cfg.sft_dir, "policy") if cfg.sft_dir else None  # the SFT network, new head
+        model.add_role("reward", adapter_dir=run.resume_path("reward", fresh=sft_policy), trainable=True, head="reward")
 
-    records = load_records(cfg.data.path, "rankings", skip_invalid=cfg.data.skip_invalid)
-    train_records, val_records = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
-    model = RoleModel(cfg.model, device=device)
-    tokenizer = model.tokenizer
-    kw = dict(use_chat_template=cfg.data.use_chat_template)
-    train_examples, _ = tokenize_rankings(train_records, tokenizer, cfg.data.max_length, **kw)
-    val_examples, _ = tokenize_rankings(val_records, tokenizer, cfg.data.max_length, **kw)
-    if not train_examples:
-        raise DataError(f"{cfg.data.path}: no rankings left after the split and truncation")
-    log.info("RM: %d train / %d validation rankings", len(train_examples), len(val_examples))
-    if resume_from is not None:
-        init = resume_from / "reward"
-    else:
-        init = adapter_dir(cfg.sft_dir, "policy") if cfg.sft_dir else None  # the SFT network, new head
-    model.add_role("reward", adapter_dir=init, trainable=True, head="reward")
+        steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        params = model.parameters("reward")
+        optimizer = build_optimizer(params, cfg.optim)
+        scheduler = cosine_schedule(optimizer, total_steps, cfg.optim)
+        running = torch.zeros(2, device=device)  # loss and accuracy summed since the last log line
+        start = run.begin(model, ["reward"], optimizer, scheduler, running=running)
+        pad_id = tokenizer.pad_token_id
+        bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
+        for step in bar:
+            rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
 
-    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    params = model.parameters("reward")
-    optimizer = build_optimizer(params, cfg.optim)
-    scheduler = cosine_schedule(optimizer, total_steps, cfg.optim)
-    guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)
-    start = 0
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        guard.load_state_dict(state["guard"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        log.info("resumed from %s at step %d", resume_from, start)
-    metrics = MetricsLogger(out, "rm", resume_step=start if resume_from else None)
-    pad_id = tokenizer.pad_token_id
-    running = torch.tensor(state["running"] if resume_from else [0.0, 0.0], device=device)  # loss, accuracy sums
+            def forward_backward(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+                accumulation = math.ceil(len(rows) / micro)
+                loss_sum = torch.zeros((), device=device)
+                acc_sum = torch.zeros((), device=device)
+                for i in range(0, len(rows), micro):
+                    batch = _to(collate_rankings([train_examples[r] for r in rows[i:i + micro]], pad_id), device)
+                    with autocast(device, cfg.precision):
+                        loss, accuracy, _ = ranking_batch_loss(model, batch, cfg.margin, cfg.center_coef)
+                        loss = loss / accumulation
+                    loss.backward()
+                    loss_sum += loss.detach().float()
+                    acc_sum += accuracy.detach() / accumulation
+                return loss_sum, acc_sum
 
-    def checkpoint(step: int) -> None:
-        def write(directory: Path) -> None:
-            model.save_role("reward", directory / "reward")
-            save_trainer_state(directory, {"step": step, "optimizer": optimizer.state_dict(),
-                                           "scheduler": scheduler.state_dict(), "guard": guard.state_dict(),
-                                           "running": running.tolist(), "rng": rng_state()})
-        save_checkpoint(out, step, write, keep_last=cfg.keep_last, config=cfg)
-
-    halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "reward-model training",
-                              ["micro_batch_size", "data.max_length"])
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
-    for step in bar:
-        rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-        optimizer.zero_grad(set_to_none=True)
-
-        def forward_backward(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-            accumulation = math.ceil(len(rows) / micro)
-            loss_sum = torch.zeros((), device=device)
-            acc_sum = torch.zeros((), device=device)
-            for i in range(0, len(rows), micro):
-                batch = _to(collate_rankings([train_examples[r] for r in rows[i:i + micro]], pad_id), device)
-                with autocast(device, cfg.precision):
-                    loss, accuracy, _ = ranking_batch_loss(model, batch, cfg.margin, cfg.center_coef)
-                    loss = loss / accumulation
-                loss.backward()
-                loss_sum += loss.detach().float()
-                acc_sum += accuracy.detach() / accumulation
-            return loss_sum, acc_sum
-
-        loss_sum, acc_sum = halver.run(forward_backward, optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        try:
-            if guard.ok(loss_sum, grad_norm, step, f"rankings {[train_examples[r]['source'] for r in rows[:4]]}..."):
-                optimizer.step()
-        except NonFiniteError:
-            checkpoint(step)
-            raise
-        scheduler.step()
-        running += torch.stack([loss_sum, acc_sum])
-        done = step + 1
-        row = {}
-        if done % cfg.log_every == 0 or done == total_steps:
-            n = done % cfg.log_every or cfg.log_every
-            row.update(train_loss=running[0] / n, train_pairwise_accuracy=running[1] / n,
-                       lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, skipped_steps=guard.skipped_total)
-            running.zero_()
-        if val_examples and (done % cfg.eval_every == 0 or done == total_steps):
-            row.update(evaluate_rankings(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision,
-                                         cfg.margin))
-        if row:
-            logged = metrics.log(done, row)
-            bar.set_postfix(postfix(logged, ("train_loss", "val_pairwise_accuracy")))
-        if done % cfg.checkpoint_every == 0 or done == total_steps:
-            checkpoint(done)
-    summary = normalise(model, cfg, train_records)
-    if val_examples:
-        summary.update(evaluate_rankings(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision,
-                                         cfg.margin))
-    metrics.log(total_steps, {k: v for k, v in summary.items() if k.startswith(("val_", "offset", "demo_"))})
-    metrics.close()
-    model.save_role("reward", out / "reward")
-    mark_done(out, steps=total_steps, **summary)
+            loss_sum, acc_sum = run.halver.run(forward_backward, optimizer)
+            grad_norm = run.optimizer_step(params, loss_sum, step,
+                                           f"rankings {[train_examples[r]['source'] for r in rows[:4]]}...")
+            running += torch.stack([loss_sum, acc_sum])
+            done = step + 1
+            row = {}
+            if done % cfg.log_every == 0 or done == total_steps:
+                n = done % cfg.log_every or cfg.log_every
+                row.update(train_loss=running[0] / n, train_pairwise_accuracy=running[1] / n,
+                           lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, skipped_steps=run.guard.skipped_total)
+                running.zero_()
+            if val_examples and (done % cfg.eval_every == 0 or done == total_steps):
+                row.update(evaluate_rankings(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision,
+                                             cfg.margin))
+            if row:
+                logged = run.metrics.log(done, row)
+                bar.set_postfix(postfix(logged, ("train_loss", "val_pairwise_accuracy")))
+            run.step_done(done, total_steps)
+        summary = normalise(model, cfg, train_records)
+        if val_examples:
+            summary.update(evaluate_rankings(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision,
+                                             cfg.margin))
+        run.metrics.log(total_steps, {k: v for k, v in summary.items() if k.startswith(("val_", "offset", "demo_"))})
+        run.finish(steps=total_steps, **summary)
     log.info("RM done: %s", summary)
-    return out
+    return run.out

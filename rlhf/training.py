@@ -2,6 +2,14 @@
 
 Each is one small call so the stage loops (`rlhf/sft.py`, `rlhf/reward.py`, `rlhf/ppo/loop.py`) read
 top to bottom in the paper's order.
+
+Maintained equivalents (issue 16.7), compared on the toy configs:
+- `set_seed` is transformers' own: it seeds `random`, numpy, torch and every CUDA device, the same
+  draws as the copy it replaces (the toy metrics are identical).
+- `cosine_schedule` stays ours. transformers' `get_cosine_with_min_lr_schedule_with_warmup` gives
+  the same rates after the warm-up (40 of 60 steps equal, bit for bit, at SFT's defaults), but its
+  warm-up starts at rate 0 (`step / warmup`), so the first step is spent at lr 0 and every warm-up
+  rate differs from ours (`(step + 1) / (warmup + 1)`): the README's numbers would move for no gain.
 """
 
 from __future__ import annotations
@@ -9,36 +17,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
-from dataclasses import dataclass
 from typing import Iterable
 
-import numpy as np
 import torch
+from transformers import set_seed  # noqa: F401  (re-exported: the stages and benchmarks seed with it)
 
-from rlhf.errors import ConfigError, RLHFError
+from rlhf.errors import RLHFError
+from rlhf.models.base import resolve_device  # noqa: F401  (re-exported for the stages, eval and pipeline)
+from rlhf.optim_config import OptimConfig  # noqa: F401  (re-exported: `from rlhf.training import OptimConfig`)
 
 log = logging.getLogger("rlhf.training")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3  # ours: LoRA on a tiny model tolerates a large rate; scale down for real models
-    weight_decay: float = 0.0  # ours: LoRA adapters are small; no decay, as peft's examples
-    adam_eps: float = 1e-5  # InstructGPT/openai baselines PPO detail; harmless for SFT and RM
-    warmup_steps: int = 10  # ours: a short warm-up keeps the first Adam steps from overshooting
-    min_lr_ratio: float = 0.1  # InstructGPT SFT: cosine decay to 10% of the peak rate
-    max_grad_norm: float = 1.0  # ours: the usual clip; InstructGPT does not state one
-
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"optim.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -67,19 +55,6 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def exact_div(a: int, b: int, what: str) -> int:
-    """a / b when it divides exactly; otherwise a ConfigError that shows the numbers."""
-    if b <= 0 or a % b != 0:
-        raise ConfigError(f"{what}: {a} is not divisible by {b}")
-    return a // b
-
-
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA (the GPU default), nothing on CPU or when precision is fp32."""
     if device.type != "cuda" or precision == "fp32":
@@ -88,52 +63,115 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{name}' requested but CUDA is not available; use device=cpu")
-    return torch.device(name)
-
-
 class NonFiniteError(RLHFError):
-    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+    """Too many optimiser steps in a row had a non-finite loss or gradient, or gave non-finite weights."""
+
+
+# the advice of the stop message: a resume may lower the rate (`rlhf.checkpoint.RESUME_ADJUSTABLE_FIELDS`)
+NONFINITE_ADVICE = ("Lower optim.lr and rerun the same command with --optim.lr <lower> to continue from that "
+                    "checkpoint (the rate, max_grad_norm and max_nonfinite_in_a_row may change on a resume), "
+                    "use bf16 instead of fp16, or check the data.")
+
+
+class StepUndo:
+    """A copy of the trainable weights and the optimiser's state, taken before a step, to undo it.
+
+    Cost: one more copy of the adapters, their heads and Adam's two moments (LoRA: a few MB even on a 7B
+    base), refreshed with one `torch._foreach_copy_` per step, and one max-abs norm per tensor after the
+    step (a single sync with the loss check's). The weights after a step are finite iff every max-abs
+    norm is: NaN and inf propagate through it, and unlike a 2-norm it never overflows on large finite values.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._tensors: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] = []
+        self._had_state: list[bool] = []
+
+    def _live(self) -> list[torch.Tensor]:
+        """The weights, then every tensor of the optimiser's per-parameter state (Adam: step, exp_avg, exp_avg_sq)."""
+        state = self.optimizer.state
+        return self.params + [value for p in self.params for _, value in sorted(state.get(p, {}).items())
+                              if isinstance(value, torch.Tensor)]
+
+    def take(self) -> None:
+        tensors = self._live()
+        if [t.shape for t in tensors] != [c.shape for c in self._copies] or any(
+                a is not b for a, b in zip(tensors, self._tensors)):
+            self._copies = [t.detach().clone() for t in tensors]  # first step (Adam's state appears) or a reload
+        else:
+            torch._foreach_copy_(self._copies, [t.detach() for t in tensors])
+        self._tensors = tensors
+        self._had_state = [bool(self.optimizer.state.get(p)) for p in self.params]
+
+    def all_finite(self) -> bool:
+        tensors = [t.detach() for t in self._live() if t.numel()]
+        norms = torch._foreach_norm(tensors, float("inf"))  # max |x| per tensor; NaN and inf propagate
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all().item())  # sync point
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([t.detach() for t in self._tensors], self._copies)
+        for p, had in zip(self.params, self._had_state):
+            if not had:  # the undone step created this state (the first step): drop it again
+                self.optimizer.state.pop(p, None)
 
 
 class NonFiniteGuard:
-    """Skip an optimiser step whose loss or gradient is not finite; stop after `max_in_a_row`.
+    """Skip an optimiser step whose loss or gradient is not finite, undo one that leaves non-finite weights
+    or optimiser state (a rate too high: the loss and gradient were finite, the update was not); stop
+    after `max_in_a_row` such steps.
 
     A single bad batch (an fp16 overflow, a corrupt record) should cost one step, not the run; many
-    in a row mean the run has diverged, and going on would only overwrite good weights.
+    in a row mean the run has diverged, and going on would only overwrite good weights. Skipped and
+    undone steps leave the weights bitwise those of the step before, so a checkpoint never holds
+    non-finite weights.
     """
 
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row = max_in_a_row
         self.in_a_row = 0
         self.skipped_total = 0
+        self._undo: StepUndo | None = None
 
-    def ok(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, batch_id: str) -> bool:
-        finite = bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())  # sync point
-        if finite:
-            self.in_a_row = 0
-            return True
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
+             batch_id: str) -> bool:
+        """`optimizer.step()` unless the loss or gradient is non-finite; undone if the weights become so.
+        -> whether the step was applied."""
+        if not bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()):  # sync point
+            self._bad(step, batch_id, f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()})",
+                      "optimiser step skipped")
+            return False
+        if self._undo is None or self._undo.optimizer is not optimizer:
+            self._undo = StepUndo(optimizer)
+        self._undo.take()
+        optimizer.step()
+        if not self._undo.all_finite():
+            self._undo.restore()
+            self._bad(step, batch_id, f"finite loss ({loss.item():.4g}) and gradient norm ({grad_norm.item():.4g}) "
+                      "but the update made the weights or the optimiser state non-finite", "step undone")
+            return False
+        self.in_a_row = 0
+        return True
+
+    def _bad(self, step: int, batch_id: str, what: str, action: str) -> None:
         self.in_a_row += 1
         self.skipped_total += 1
-        log.warning("step %d: non-finite loss (%s) or gradient norm (%s) on batch %s; optimiser step skipped "
-                    "(%d in a row, %d in total)", step, loss.item(), grad_norm.item(), batch_id,
+        log.warning("step %d: %s on batch %s; %s (%d in a row, %d in total)", step, what, batch_id, action,
                     self.in_a_row, self.skipped_total)
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
                 f"step {step}: {self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
-                f"(last batch: {batch_id}); stopping. The last good state is in the newest checkpoint. "
-                "Lower optim.lr, use bf16 instead of fp16, or check the data.")
-        return False
+                f"or gave non-finite weights (last batch: {batch_id}); stopping. The last good state is in "
+                f"the newest checkpoint. {NONFINITE_ADVICE}")
 
     def state_dict(self) -> dict[str, int]:
         return {"in_a_row": self.in_a_row, "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.in_a_row = state["in_a_row"]
+        # a checkpoint written by the stop holds a full count: the rerun (say at a lower rate) starts a new one
+        self.in_a_row = state["in_a_row"] if state["in_a_row"] < self.max_in_a_row else 0
         self.skipped_total = state["skipped_total"]
 
 
@@ -150,25 +188,54 @@ def oom_error(where: str, settings: list[str], can_halve: bool = False) -> RLHFE
 class MicroBatchHalver:
     """Runs one optimiser step's micro-batches; on out-of-memory, halves the micro-batch and retries
     the whole step when `enabled` (the same rows, so the same update in smaller pieces), else raises
-    the error that names `settings`. The halved size is kept for the rest of the run."""
+    the error that names `settings`. The halved size is kept for the rest of the run.
+
+        for attempt in halver.attempts(optimizer):     # from zeroed gradients; after an OOM, again
+            with attempt:                              # an OOM in here halves attempt.micro_batch_size
+                ... forwards and backwards in micro-batches of attempt.micro_batch_size rows ...
+    """
 
     def __init__(self, micro_batch_size: int, enabled: bool, where: str, settings: list[str]):
         self.micro_batch_size = micro_batch_size
         self.enabled, self.where, self.settings = enabled, where, settings
 
+    def attempts(self, optimizer: torch.optim.Optimizer):
+        """Yield one `_Attempt` per try at a step, each from zeroed gradients, until one ends without an OOM."""
+        while True:
+            optimizer.zero_grad(set_to_none=True)  # also drops a failed attempt's partial gradients
+            attempt = _Attempt(self)
+            yield attempt
+            if not attempt.out_of_memory:
+                return
+
     def run(self, step_fn, optimizer: torch.optim.Optimizer):
         """`step_fn(micro_batch_size)` does the forwards and backwards of one step; returns its result."""
-        while True:
-            try:
-                return step_fn(self.micro_batch_size)
-            except RuntimeError as err:
-                if not is_oom(err):
-                    raise
-                if not self.enabled or self.micro_batch_size == 1:
-                    raise oom_error(self.where, self.settings, can_halve=not self.enabled) from err
-                optimizer.zero_grad(set_to_none=True)  # drop the failed attempt's partial gradients
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self.micro_batch_size //= 2
-                log.warning("out of memory during %s; micro_batch_size halved to %d", self.where,
-                            self.micro_batch_size)
+        for attempt in self.attempts(optimizer):
+            with attempt:
+                result = step_fn(attempt.micro_batch_size)
+        return result
+
+
+class _Attempt:
+    """One try at a step's forwards and backwards (see `MicroBatchHalver.attempts`)."""
+
+    def __init__(self, halver: MicroBatchHalver):
+        self.halver = halver
+        self.micro_batch_size = halver.micro_batch_size
+        self.out_of_memory = False
+
+    def __enter__(self) -> "_Attempt":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        halver = self.halver
+        if exc is None or not isinstance(exc, RuntimeError) or not is_oom(exc):
+            return False
+        if not halver.enabled or halver.micro_batch_size == 1:
+            raise oom_error(halver.where, halver.settings, can_halve=not halver.enabled) from exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        halver.micro_batch_size //= 2
+        log.warning("out of memory during %s; micro_batch_size halved to %d", halver.where, halver.micro_batch_size)
+        self.out_of_memory = True
+        return True  # swallowed: `attempts` yields the next try

@@ -62,6 +62,32 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dty
         raise TypeError(f"{name} must be {dtype}; got {t.dtype}")
 
 
+def as_bool_mask(name: str, mask, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """A mask shaped like `ref`, as bool (True = counts). bool passes as is; an integer or floating
+    mask (TRL's `masked_mean` and Liger take {0, 1} floats) must hold only 0 and 1 and is converted
+    once here, so the kernels see one dtype. Any other value (0.5, 2, -1, NaN) is refused: it would
+    otherwise be silently read as a weight by some code and as True by other code. The value check
+    costs one host sync for non-bool masks; bool masks cost none."""
+    check_tensor(name, mask)
+    if list(mask.shape) != list(ref.shape):
+        raise ValueError(f"{name} must be {shape_str(ref)} to match {ref_name}; got {shape_str(mask)}")
+    if mask.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device} like {ref_name}; got {mask.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or floating tensor of 0 and 1; got {mask.dtype}")
+    mask = mask.detach()
+    bad = (mask != 0) & (mask != 1)  # NaN is != both
+    if bool(bad.any()):
+        index = int(bad.flatten().nonzero()[0])
+        value = mask.flatten()[index].item()
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (bool, int or float); got {value} at flat index {index}"
+        )
+    return mask != 0
+
+
 def check_no_grad(name: str, t: torch.Tensor) -> None:
     """PPO targets (old log-probs, advantages, old values, returns) are constants of the loss; a
     gradient for them would be dropped, so we refuse rather than drop it silently."""
@@ -70,6 +96,14 @@ def check_no_grad(name: str, t: torch.Tensor) -> None:
             f"{name} requires grad, but it is a constant target of this loss and would get no "
             f"gradient; pass {name}.detach()"
         )
+
+
+def check_targets(ref_name: str, ref: torch.Tensor, **targets: torch.Tensor) -> None:
+    """Each target (old log-probs, advantages, old values, returns) is a float tensor shaped and
+    placed like `ref`, and a constant: `check_like` and `check_no_grad` for each, in order."""
+    for name, t in targets.items():
+        check_like(name, t, ref_name, ref)
+        check_no_grad(name, t)
 
 
 def check_positive(name: str, value: float) -> None:

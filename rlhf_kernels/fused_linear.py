@@ -1,7 +1,13 @@
 """The LM head fused with the log-prob and PPO-loss kernels, chunk by chunk over tokens.
 
-Math: logits = hidden @ weight^T (+ bias), then exactly `token_logprobs` / `ppo_policy_loss` on
-them; the gradients follow by the chain rule, per chunk of C rows:
+Math: y = hidden @ weight^T (+ bias), then the model's own logit transform (`logit_transform.py`)
+    z = logit_scale * y;   z = logit_softcap * tanh(z / logit_softcap)  when a softcap is given
+(Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's 1 / logits_scaling; z = y at the
+defaults, bit for bit), then exactly `token_logprobs` / `ppo_policy_loss` on z (temperature,
+log-softmax in fp32). The transform runs inside the kernels in fp32, on the [C, V] block as loaded.
+The gradients follow by the chain rule, per chunk of C rows:
+    d logits_c = d z_c * logit_scale * (1 - tanh^2(logit_scale * y_c / logit_softcap))
+                 (d z_c * logit_scale without a softcap; computed inside the kernels too)
     d hidden_c = d logits_c @ weight             [C, H]
     d weight  += d logits_c^T @ hidden_c         [V, H]   (only when weight requires grad)
     d bias    += sum over rows of d logits_c     [V]      (only when bias requires grad)
@@ -29,6 +35,7 @@ import torch
 
 from . import _checks
 from ._dispatch import compute_dtype, use_triton
+from .logit_transform import check_transform
 from .logprobs import logprobs_bwd, logprobs_fwd
 from .ppo_loss import check_policy_args, policy_loss_rows, scale_stored_grads_
 
@@ -77,8 +84,9 @@ class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, labels, rows, temperature, ignore_index, return_entropy, chunk,
-        triton_path,
+        triton_path, transform,
     ):  # fmt: skip
+        # transform: (logit_scale, logit_softcap or None), see logit_transform.py
         # hidden [N, H]; labels [N]; rows [Nv] int64 indices of the counted rows
         N, dtype = hidden.shape[0], compute_dtype(hidden)
         logp = torch.zeros(N, dtype=dtype, device=hidden.device)  # [N]
@@ -89,7 +97,7 @@ class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
             logits_c = _linear(hidden.index_select(0, rows_c), weight, bias)  # [C, V]
             logp_c, lse_c, entropy_c = logprobs_fwd(
                 logits_c, labels.index_select(0, rows_c), temperature, ignore_index,
-                return_entropy, triton_path,
+                return_entropy, triton_path, *transform,
             )  # fmt: skip
             logp.index_copy_(0, rows_c, logp_c)
             lse_parts.append(lse_c)
@@ -100,14 +108,14 @@ class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         lse = torch.cat(lse_parts) if lse_parts and lse_parts[0] is not None else None
         entropy_v = torch.cat(entropy_parts) if entropy_parts else None
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy_v)
-        ctx.args = (temperature, ignore_index, chunk, triton_path)
+        ctx.args = (temperature, ignore_index, chunk, triton_path, transform)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, rows, lse, entropy_v = ctx.saved_tensors
-        temperature, ignore_index, chunk, triton_path = ctx.args
+        temperature, ignore_index, chunk, triton_path, transform = ctx.args
         grads = _new_grads(hidden, weight, bias, ctx.needs_input_grad[:3])
         for start in range(0, rows.numel(), chunk):
             rows_c = rows[start : start + chunk]  # [C]
@@ -119,20 +127,20 @@ class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
                 entropy_v[start : start + chunk] if entropy_v is not None else None,
                 grad_logp.index_select(0, rows_c) if grad_logp is not None else None,
                 grad_entropy.index_select(0, rows_c) if grad_entropy is not None else None,
-                temperature, ignore_index, logits_c, triton_path,
+                temperature, ignore_index, logits_c, triton_path, *transform,
             )  # fmt: skip  (logits_c now holds d loss / d logits_c)
             _accumulate_grads(logits_c, hidden_c, rows_c, weight, grads)
         grad_hidden, grad_weight, grad_bias = grads
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 7
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 8
 
 
 class _FusedLinearPPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, labels, old_logp, advantages, rows, n_valid, temperature,
-        clip_low, clip_high, chunk, needs, triton_path,
+        clip_low, clip_high, chunk, needs, triton_path, transform,
     ):  # fmt: skip
         # hidden [N, H]; labels, old_logp, advantages [N]; rows [Nv] indices where mask is True
         grads = _new_grads(hidden, weight, bias, needs)
@@ -147,6 +155,7 @@ class _FusedLinearPPOLossFunction(torch.autograd.Function):
                 logits_c, labels.index_select(0, rows_c), old_logp.index_select(0, rows_c),
                 advantages.index_select(0, rows_c), all_valid[: rows_c.numel()], n_valid,
                 temperature, clip_low, clip_high, logits_c if write_grad else None, triton_path,
+                *transform,
             )  # fmt: skip  (with write_grad, logits_c now holds d loss / d logits_c)
             sums += torch.stack([t.sum() for t in row_terms])
             if write_grad:
@@ -162,7 +171,7 @@ class _FusedLinearPPOLossFunction(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = scale_stored_grads_(ctx, ctx.saved_tensors, grad_loss)
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 11
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 12
 
 
 def _prepare_linear(hidden, weight, bias, chunk_size):
@@ -209,20 +218,26 @@ def _needs_grad(*tensors):
 
 def fused_linear_token_logprobs(
     hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-    chunk_size=None, backend=None,
+    chunk_size=None, backend=None, logit_scale: float = 1.0, logit_softcap: float | None = None,
 ):  # fmt: skip
-    """token_logprobs(hidden @ weight^T + bias, labels), never more than [chunk, V] logits.
+    """token_logprobs(z, labels) with z = transform(hidden @ weight^T + bias), never more than
+    [chunk, V] logits.
 
     hidden: [N, H] (or [..., H]) fp16/bf16/fp32, weight [V, H] and bias [V] of the same dtype;
     labels [N] (or [...]) int64 with ignore_index rows skipped (logp, entropy, gradient 0).
     Gradients flow to hidden, and to weight and bias when they require grad (a trainable head).
     chunk_size: rows per LM-head block, default derived from N, V, H (see `_chunk_rows`).
+    logit_scale, logit_softcap: the model's transform of its logits, before the temperature:
+    z = logit_scale * y, then z = logit_softcap * tanh(z / logit_softcap) when a softcap is given
+    (Gemma 2: logit_softcap=final_logit_softcapping; Cohere: logit_scale=logit_scale; Granite:
+    logit_scale=1 / logits_scaling). Gradients include its chain rule. Defaults: no transform.
     Returns logp [N] fp32, or (logp, entropy). Two host syncs: the label check and the row gather.
     The SFT loss is `-logp.sum() / (labels != ignore_index).sum()`.
     """
     hidden, weight, bias = _prepare_linear(hidden, weight, bias, chunk_size)
     _checks.check_labels(labels, hidden, "hidden")
     _checks.check_positive("temperature", temperature)
+    transform = check_transform(logit_scale, logit_softcap)
     V, H = weight.shape
     counted = labels != ignore_index
     _checks.check_label_range(labels, V, counted, f"or equal ignore_index={ignore_index}")
@@ -233,7 +248,7 @@ def fused_linear_token_logprobs(
     with torch.autocast(hidden.device.type, enabled=False):
         logp, entropy = _FusedLinearTokenLogprobsFunction.apply(
             hidden_2d, weight, bias, labels.reshape(-1), rows, float(temperature), int(ignore_index),
-            bool(return_entropy), chunk, triton_path,
+            bool(return_entropy), chunk, triton_path, transform,
         )  # fmt: skip
     logp = logp.view(labels.shape)
     if return_entropy:
@@ -243,22 +258,27 @@ def fused_linear_token_logprobs(
 
 def fused_linear_ppo_loss(
     hidden, weight, labels, old_logp, advantages, mask, bias=None, clip_eps=0.2, clip_eps_high=None,
-    temperature=1.0, chunk_size=None, backend=None,
+    temperature=1.0, chunk_size=None, backend=None, logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ):  # fmt: skip
-    """ppo_policy_loss(hidden @ weight^T + bias, ...), never more than [chunk, V] logits.
+    """ppo_policy_loss(z, ...) with z = transform(hidden @ weight^T + bias), never more than
+    [chunk, V] logits.
 
     hidden: [N, H] (or [..., H]); weight [V, H], bias [V] or None, same dtype as hidden;
-    labels [N] int64, old_logp and advantages [N] detached floats, mask [N] bool; the rest as in
-    `ppo_policy_loss`. Gradients for hidden, and for weight / bias when they require grad, are
-    computed during the forward; backward only scales them. Rows where mask is False are never
-    multiplied. Returns (loss [] fp32, {"clip_frac", "approx_kl", "entropy"} detached fp32 scalars).
-    Two host syncs: the label check and the row gather.
+    labels [N] int64, old_logp and advantages [N] detached floats, mask [N] bool (or int / float
+    {0, 1}); the rest as in `ppo_policy_loss`; logit_scale, logit_softcap: the model's logit
+    transform, as in `fused_linear_token_logprobs`. Gradients for hidden, and for weight / bias
+    when they require grad, are computed during the forward; backward only scales them. Rows where
+    mask is False are never multiplied. Returns (loss [] fp32, {"clip_frac", "approx_kl",
+    "entropy"} detached fp32 scalars). Two host syncs: the label check and the row gather (a
+    third for a non-bool mask: its values are checked).
     """
     hidden, weight, bias = _prepare_linear(hidden, weight, bias, chunk_size)
     V, H = weight.shape
-    check_policy_args(
+    mask = check_policy_args(
         "hidden", hidden, V, labels, old_logp, advantages, mask, clip_eps, clip_eps_high, temperature
     )
+    transform = check_transform(logit_scale, logit_softcap)
     triton_path = use_triton(backend, hidden)
     hidden_2d = hidden.reshape(-1, H)  # [N, H]
     mask_1d = mask.reshape(-1)  # [N]
@@ -270,5 +290,6 @@ def fused_linear_ppo_loss(
             rows, n_valid, float(temperature), float(clip_eps),
             float(clip_eps if clip_eps_high is None else clip_eps_high),
             _chunk_rows(rows.numel(), V, H, chunk_size), _needs_grad(hidden, weight, bias), triton_path,
+            transform,
         )  # fmt: skip
     return loss, {"clip_frac": stats[0], "approx_kl": stats[1], "entropy": stats[2]}

@@ -74,8 +74,9 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=None):
     """Advantages and returns by GAE over [B, T] (see the module docstring).
 
     rewards: [B, T] float (e.g. -beta * kl_t, plus the RM score on the last answer token);
-    values: [B, T] float, detached; mask: [B, T] bool, True on answer tokens.
-    gamma: discount (InstructGPT 1.0); lam: GAE lambda (InstructGPT 0.95).
+    values: [B, T] float, detached; mask: [B, T], True (or 1) on answer tokens: bool, or integer or
+    floating {0, 1} (checked, one host sync). gamma: discount (InstructGPT 1.0); lam: GAE lambda
+    (InstructGPT 0.95).
     Returns (advantages, returns), [B, T] fp32 each (fp64 for fp64 inputs on the torch backend),
     0 where mask is False. backend: as in `token_logprobs`.
     """
@@ -83,7 +84,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=None):
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, T]; got {_checks.shape_str(rewards)}")
     _checks.check_like("values", values, "rewards", rewards)
-    _checks.check_like("mask", mask, "rewards", rewards, dtype=torch.bool)
+    mask = _checks.as_bool_mask("mask", mask, "rewards", rewards)
     for name, t in (("rewards", rewards), ("values", values)):
         _checks.check_no_grad(name, t)
     for name, value in (("gamma", gamma), ("lam", lam)):
@@ -97,14 +98,14 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=None):
 def whiten(x, mask, shift_mean=True):
     """(x - mean) / sqrt(var + 1e-8) over entries where mask is True, var unbiased; 0 elsewhere.
 
-    x: any float shape, e.g. advantages [B, T]; mask: same shape, bool. shift_mean=False adds the
-    mean back. Returns fp32 (fp64 for fp64 x), differentiable. With fewer than two valid entries
-    the variance is taken as 0 (a single valid entry whitens to 0, none gives all zeros) instead of
-    dividing by zero. Torch on every backend: two reductions over B * T values, where a kernel
-    would gain nothing.
+    x: any float shape, e.g. advantages [B, T]; mask: same shape, bool, or integer or floating
+    {0, 1} (TRL's `masked_whiten` takes those). shift_mean=False adds the mean back. Returns fp32
+    (fp64 for fp64 x), differentiable. With fewer than two valid entries the variance is taken as
+    0 (a single valid entry whitens to 0, none gives all zeros) instead of dividing by zero.
+    Torch on every backend: two reductions over B * T values, where a kernel would gain nothing.
     """
     _checks.check_float("x", x)
-    _checks.check_like("mask", mask, "x", x, dtype=torch.bool)
+    mask = _checks.as_bool_mask("mask", mask, "x", x)
     xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     zero = torch.zeros_like(xf)
     n_valid = mask.sum()

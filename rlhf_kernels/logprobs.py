@@ -1,12 +1,14 @@
 """Per-token log-probabilities (and entropy) from logits, without an fp32 [N, V] tensor.
 
-Math, with z the logits of one row, T the sampling temperature, x = z / T, p = softmax(x) and y
-the label:
+Math, with z the logits of one row after the model's own transform (`logit_transform.py`: z = a *
+logits, softcapped as c * tanh(z / c) when a softcap c is given; z = logits by default), T the
+sampling temperature, x = z / T, p = softmax(x) and y the label:
     lse    = log sum_j exp(x_j)
     logp   = x_y - lse                                   (0 where y == ignore_index)
     H      = lse - sum_j p_j x_j = -sum_j p_j log p_j
     d logp / d z_j = (onehot(y)_j - p_j) / T
     d H    / d z_j = -p_j (log p_j + H) / T
+    d / d logits_j = d / d z_j * a (1 - tanh^2(a logits_j / c))    (* a alone without softcap)
 Shapes: logits [N, V] (or [..., V], flattened to rows), labels [N] int64 -> logp [N] fp32.
 Source: the gather of TRL's `selective_log_softmax` (trl/trainer/utils.py) and the
 online softmax of Liger's cross entropy (src/liger_kernel/ops/cross_entropy.py at ead96b6).
@@ -23,6 +25,7 @@ import torch
 
 from . import _checks, reference
 from ._dispatch import compute_dtype, tl, triton, use_triton
+from .logit_transform import softcap_grad, transformed_logits
 
 # The reference: `reference.token_logprobs_naive` (autograd; the ground truth of the tests) and
 # `reference.token_logprobs_fwd` / `reference.token_logprobs_bwd` (chunked; the CPU path).
@@ -34,11 +37,14 @@ def _row_logsumexp(
     label,  # int64 column whose x is returned as `target`
     V,
     temperature,
+    logit_scale,  # runtime fp32: the model's logit transform (logit_transform.py)
+    logit_softcap,  # runtime fp32, read only if HAS_SOFTCAP
+    HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One streaming pass over a row: returns (lse, x[label], entropy) of x = logits / T, in fp32.
-    The entropy is 0.0 unless HAS_ENTROPY. Shared with the PPO loss kernel."""
+    """One streaming pass over a row: returns (lse, x[label], entropy) of x = z / T, in fp32, z the
+    transformed logits. The entropy is 0.0 unless HAS_ENTROPY. Shared with the PPO loss kernel."""
     m = float("-inf")  # running max of x
     s = 0.0  # sum exp(x - m)
     t = 0.0  # sum exp(x - m) * (x - m), for the entropy
@@ -46,7 +52,7 @@ def _row_logsumexp(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
-        x = z.to(tl.float32) / temperature
+        x = transformed_logits(z, cols, V, logit_scale, logit_softcap, HAS_SOFTCAP) / temperature
         target += tl.sum(tl.where(cols == label, x, 0.0))
         m_new = tl.maximum(m, tl.max(x, 0))
         # while m_new is -inf every x so far is -inf: shift by 0 so exp gives 0, not exp(NaN)
@@ -74,6 +80,9 @@ def _token_logprobs_fwd_kernel(
     V,
     temperature,  # runtime fp32, not a constexpr: one compiled kernel serves every temperature
     ignore_index,
+    logit_scale,  # runtime fp32 a of the logit transform (1.0: none)
+    logit_softcap,  # runtime fp32 c of the softcap, read only if HAS_SOFTCAP
+    HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -87,7 +96,9 @@ def _token_logprobs_fwd_kernel(
             tl.store(entropy_ptr + row, 0.0)
         return
     row_ptr = logits_ptr + row * logits_row_stride
-    lse, target, entropy = _row_logsumexp(row_ptr, label, V, temperature, HAS_ENTROPY, BLOCK_V)
+    lse, target, entropy = _row_logsumexp(
+        row_ptr, label, V, temperature, logit_scale, logit_softcap, HAS_SOFTCAP, HAS_ENTROPY, BLOCK_V
+    )
     tl.store(logp_ptr + row, target - lse)
     tl.store(lse_ptr + row, lse)
     if HAS_ENTROPY:
@@ -108,6 +119,9 @@ def _token_logprobs_bwd_kernel(
     V,
     temperature,
     ignore_index,
+    logit_scale,  # runtime fp32 a of the logit transform (1.0: none)
+    logit_softcap,  # runtime fp32 c of the softcap, read only if HAS_SOFTCAP
+    HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -123,18 +137,21 @@ def _token_logprobs_bwd_kernel(
             tl.store(grad_row_ptr + cols, tl.full([BLOCK_V], 0.0, out_dtype), mask=cols < V)
         return
     lse = tl.load(lse_ptr + row)
-    g = tl.load(grad_logp_ptr + row).to(tl.float32) / temperature
+    # dx/dz = 1 / T and the scalar part a of dz/d logits, folded into the row's coefficients
+    g = tl.load(grad_logp_ptr + row).to(tl.float32) / temperature * logit_scale
     if HAS_ENTROPY_GRAD:
-        g_h = tl.load(grad_entropy_ptr + row).to(tl.float32) / temperature
+        g_h = tl.load(grad_entropy_ptr + row).to(tl.float32) / temperature * logit_scale
         h = tl.load(entropy_ptr + row)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
-        logp = z.to(tl.float32) / temperature - lse
+        logp = transformed_logits(z, cols, V, logit_scale, logit_softcap, HAS_SOFTCAP) / temperature - lse
         p = tl.exp(logp)  # 0 on -inf logits
         grad = g * (tl.where(cols == label, 1.0, 0.0) - p)
         if HAS_ENTROPY_GRAD:
             grad += g_h * tl.where(p > 0.0, -p * (logp + h), 0.0)
+        if HAS_SOFTCAP:
+            grad = grad * softcap_grad(z, logit_scale, logit_softcap)
         tl.store(grad_row_ptr + cols, grad.to(out_dtype), mask=cols < V)
 
 
@@ -149,7 +166,9 @@ def _block_v(V: int) -> int:
 _NUM_WARPS = 8
 
 
-def _token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
+def _token_logprobs_fwd(
+    logits, labels, temperature, ignore_index, with_entropy, logit_scale=1.0, logit_softcap=None
+):
     """Launcher. logits [N, V] (column stride 1), labels [N] int64 ->
     logp [N], lse [N], entropy [N] or None, all fp32."""
     _checks.check_triton_dtype("logits", logits)
@@ -162,15 +181,17 @@ def _token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy)
         # 1-D grid over rows: dimension 0 takes up to 2**31 - 1 programs (dims 1, 2 stop at 65535)
         _token_logprobs_fwd_kernel[(N,)](
             logits, logits.stride(0), labels, logp, lse, entropy if with_entropy else logp,
-            V, temperature, ignore_index,
-            HAS_ENTROPY=with_entropy, BLOCK_V=_block_v(V), num_warps=_NUM_WARPS,
+            V, temperature, ignore_index, logit_scale, logit_softcap or 1.0,
+            HAS_SOFTCAP=logit_softcap is not None, HAS_ENTROPY=with_entropy, BLOCK_V=_block_v(V),
+            num_warps=_NUM_WARPS,
         )  # fmt: skip
     return logp, lse, entropy
 
 
 def _token_logprobs_bwd(
-    logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad_out
-):
+    logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad_out,
+    logit_scale=1.0, logit_softcap=None,
+):  # fmt: skip
     """Launcher. Writes d loss / d logits [N, V] into grad_out (may be logits itself)."""
     N, V = logits.shape
     assert grad_out.shape == logits.shape and grad_out.stride(-1) == 1
@@ -181,27 +202,32 @@ def _token_logprobs_bwd(
         _token_logprobs_bwd_kernel[(N,)](
             logits, logits.stride(0), labels, lse, entropy if has_entropy_grad else lse,
             grad_logp, grad_entropy, grad_out, grad_out.stride(0),
-            V, temperature, ignore_index,
-            HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK_V=_block_v(V), num_warps=_NUM_WARPS,
+            V, temperature, ignore_index, logit_scale, logit_softcap or 1.0,
+            HAS_SOFTCAP=logit_softcap is not None, HAS_ENTROPY_GRAD=has_entropy_grad,
+            BLOCK_V=_block_v(V), num_warps=_NUM_WARPS,
         )  # fmt: skip
 
 
-def logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, triton_path):
-    """Forward on an [N, V] block with either backend (also used chunk by chunk by fused_linear).
-    -> logp [N], lse [N] to save for the backward (None from the torch path), entropy [N] or None."""
+def logprobs_fwd(
+    logits, labels, temperature, ignore_index, with_entropy, triton_path, logit_scale=1.0,
+    logit_softcap=None,
+):  # fmt: skip
+    """Forward on an [N, V] block with either backend (also used chunk by chunk by fused_linear,
+    which passes the model's logit transform). -> logp [N], lse [N] to save for the backward (None
+    from the torch path), entropy [N] or None."""
     fwd = _token_logprobs_fwd if triton_path else reference.token_logprobs_fwd
-    return fwd(logits, labels, temperature, ignore_index, with_entropy)
+    return fwd(logits, labels, temperature, ignore_index, with_entropy, logit_scale, logit_softcap)
 
 
 def logprobs_bwd(
     logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad_out,
-    triton_path,
+    triton_path, logit_scale=1.0, logit_softcap=None,
 ):  # fmt: skip
     """Backward on an [N, V] block with either backend; grad_logp None means zeros. lse is the
     forward's (None from the torch path, which recomputes the softmax)."""
     if grad_logp is None:
         grad_logp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-    args = (grad_logp, grad_entropy, temperature, ignore_index, grad_out)
+    args = (grad_logp, grad_entropy, temperature, ignore_index, grad_out, logit_scale, logit_softcap)
     if triton_path:
         _token_logprobs_bwd(logits, labels, lse, entropy, *args)
     else:

@@ -1,13 +1,15 @@
 """The clipped PPO policy loss, fused: log-probs, loss and d loss / d logits in one kernel.
 
 Math (Schulman et al. 2017, eq. 7, written as a loss to minimise; InstructGPT's PPO objective),
-for token i with logits z_i, label y_i, x_i = z_i / T, p_i = softmax(x_i):
+for token i with logits z_i (after the model's transform, `logit_transform.py`; the plain logits by
+default), label y_i, x_i = z_i / T, p_i = softmax(x_i):
     logp_i  = x_i[y_i] - logsumexp(x_i)
     ratio_i = exp(logp_i - old_logp_i)
     l_i     = max(-A_i * ratio_i, -A_i * clip(ratio_i, 1 - eps, 1 + eps_high))
     loss    = sum_i mask_i * l_i / max(sum_i mask_i, 1)        (0, not NaN, when nothing is valid)
     d loss / d z_i = c_i * (onehot(y_i) - p_i) / T,   c_i = -A_i * ratio_i / n_valid where the
-                     unclipped term is the larger (ties included), else 0 (the clip zeroes it)
+                     unclipped term is the larger (ties included), else 0 (the clip zeroes it);
+                     times dz/d logits of the transform (`logit_transform.py`) when one is given
 Stats (detached fp32 scalars, masked means): clip_frac = tokens where the clipped term is strictly
 larger (TRL's pg_clipfrac); approx_kl = mean((ratio - 1) - log ratio), the k3 estimate of
 KL(old || new) (cleanrl's approx_kl, Schulman's "Approximating KL Divergence"); entropy = mean
@@ -30,6 +32,7 @@ import torch
 
 from . import _checks, reference
 from ._dispatch import compute_dtype, tl, triton, use_triton
+from .logit_transform import softcap_grad, transformed_logits
 from .logprobs import _NUM_WARPS, _block_v, _row_logsumexp
 
 # The reference: `reference.ppo_policy_loss_naive` (autograd: log_softmax, gather, ratio, clip and
@@ -55,6 +58,9 @@ def _ppo_policy_loss_fwd_kernel(
     temperature,  # runtime fp32: no recompile per value
     clip_low,  # runtime fp32 eps: ratio is clipped below at 1 - clip_low
     clip_high,  # runtime fp32 eps_high: ratio is clipped above at 1 + clip_high
+    logit_scale,  # runtime fp32 a of the logit transform (1.0: none)
+    logit_softcap,  # runtime fp32 c of the softcap, read only if HAS_SOFTCAP
+    HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,  # False when no gradient is needed: one pass over the logits
     BLOCK_V: tl.constexpr,
 ):
@@ -73,7 +79,9 @@ def _ppo_policy_loss_fwd_kernel(
         return
     row_ptr = logits_ptr + row * logits_row_stride
     label = tl.load(labels_ptr + row)
-    lse, target, entropy = _row_logsumexp(row_ptr, label, V, temperature, True, BLOCK_V)
+    lse, target, entropy = _row_logsumexp(
+        row_ptr, label, V, temperature, logit_scale, logit_softcap, HAS_SOFTCAP, True, BLOCK_V
+    )
     log_ratio = (target - lse) - tl.load(old_logp_ptr + row).to(tl.float32)
     ratio = tl.exp(log_ratio)
     adv = tl.load(advantages_ptr + row).to(tl.float32)
@@ -84,19 +92,24 @@ def _ppo_policy_loss_fwd_kernel(
     tl.store(approx_kl_ptr + row, (ratio - 1.0) - log_ratio)
     tl.store(entropy_ptr + row, entropy)
     if WRITE_GRAD:
-        # d loss / d logp_i, with 1 / T of d x / d z folded in
+        # d loss / d logp_i, with 1 / T of d x / d z and the scalar a of the transform folded in
         coef = tl.where(unclipped >= clipped, unclipped, 0.0) / tl.load(n_valid_ptr) / temperature
+        coef = coef * logit_scale
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
-            p = tl.exp(z.to(tl.float32) / temperature - lse)
+            x = transformed_logits(z, cols, V, logit_scale, logit_softcap, HAS_SOFTCAP) / temperature
+            p = tl.exp(x - lse)
             grad = coef * (tl.where(cols == label, 1.0, 0.0) - p)
+            if HAS_SOFTCAP:
+                grad = grad * softcap_grad(z, logit_scale, logit_softcap)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 def _ppo_policy_loss_fwd(
-    logits, labels, old_logp, advantages, mask, n_valid, temperature, clip_low, clip_high, grad_out
-):
+    logits, labels, old_logp, advantages, mask, n_valid, temperature, clip_low, clip_high, grad_out,
+    logit_scale=1.0, logit_softcap=None,
+):  # fmt: skip
     """Launcher. logits [N, V] (column stride 1); labels, old_logp, advantages, mask [N]
     contiguous; n_valid [] fp32; grad_out [N, V] or None (no gradient).
     Returns loss_rows, clipped, approx_kl, entropy: [N] fp32 each."""
@@ -110,22 +123,24 @@ def _ppo_policy_loss_fwd(
         _ppo_policy_loss_fwd_kernel[(N,)](  # 1-D grid over rows: no 65535 limit
             logits, logits.stride(0), labels, old_logp, advantages, mask.view(torch.uint8), n_valid,
             grad_out if write_grad else logits, grad_out.stride(0) if write_grad else 0,
-            *rows, V, temperature, clip_low, clip_high,
-            WRITE_GRAD=write_grad, BLOCK_V=_block_v(V), num_warps=_NUM_WARPS,
+            *rows, V, temperature, clip_low, clip_high, logit_scale, logit_softcap or 1.0,
+            HAS_SOFTCAP=logit_softcap is not None, WRITE_GRAD=write_grad, BLOCK_V=_block_v(V), num_warps=_NUM_WARPS,
         )  # fmt: skip
     return tuple(rows)
 
 
 def policy_loss_rows(
     logits, labels, old_logp, advantages, mask, n_valid, temperature, clip_low, clip_high, grad_out,
-    triton_path,
+    triton_path, logit_scale=1.0, logit_softcap=None,
 ):  # fmt: skip
     """Per-row terms on an [N, V] block with either backend (also used chunk by chunk by
-    fused_linear); writes the gradient of the whole loss into grad_out when it is given."""
+    fused_linear, which passes the model's logit transform); writes the gradient of the whole loss
+    into grad_out when it is given."""
     fwd = _ppo_policy_loss_fwd if triton_path else reference.ppo_policy_loss_fwd
     return fwd(
-        logits, labels, old_logp, advantages, mask, n_valid, temperature, clip_low, clip_high, grad_out
-    )
+        logits, labels, old_logp, advantages, mask, n_valid, temperature, clip_low, clip_high, grad_out,
+        logit_scale, logit_softcap,
+    )  # fmt: skip
 
 
 def scale_stored_grads_(ctx, grads, grad_output):
@@ -169,18 +184,17 @@ def check_policy_args(
     logits_name, logits, vocab, labels, old_logp, advantages, mask, clip_eps, clip_eps_high, temperature
 ):
     """Shared by ppo_policy_loss and fused_linear_ppo_loss (where `logits` is the hidden [N, H]
-    and `vocab` comes from the weight): shapes, dtypes, devices, constant targets, label range."""
+    and `vocab` comes from the weight): shapes, dtypes, devices, constant targets, label range.
+    Returns the mask as bool (`_checks.as_bool_mask`)."""
     _checks.check_labels(labels, logits, logits_name)
-    _checks.check_like("old_logp", old_logp, "labels", labels)
-    _checks.check_like("advantages", advantages, "labels", labels)
-    _checks.check_like("mask", mask, "labels", labels, dtype=torch.bool)
-    _checks.check_no_grad("old_logp", old_logp)
-    _checks.check_no_grad("advantages", advantages)
+    _checks.check_targets("labels", labels, old_logp=old_logp, advantages=advantages)
+    mask = _checks.as_bool_mask("mask", mask, "labels", labels)
     _checks.check_positive("clip_eps", clip_eps)
     if clip_eps_high is not None:
         _checks.check_positive("clip_eps_high", clip_eps_high)
     _checks.check_positive("temperature", temperature)
     _checks.check_label_range(labels, vocab, mask, "where mask is True")
+    return mask
 
 
 def ppo_policy_loss(
@@ -190,8 +204,9 @@ def ppo_policy_loss(
     """Clipped PPO policy loss from logits, fused (see the module docstring for the math).
 
     logits [N, V] (or [..., V]) fp16/bf16/fp32; labels [N] int64 (the sampled tokens); old_logp,
-    advantages [N] float, detached; mask [N] bool. clip_eps: eps (InstructGPT/cleanrl 0.2);
-    clip_eps_high: upper eps (DAPO's clip-higher), default clip_eps. temperature: the sampling one.
+    advantages [N] float, detached; mask [N] bool, or integer or floating {0, 1} (checked: one more
+    host sync). clip_eps: eps (InstructGPT/cleanrl 0.2); clip_eps_high: upper eps (DAPO's
+    clip-higher), default clip_eps. temperature: the sampling one.
     grad_logits_out: optional buffer shaped and typed like logits (contiguous) that receives
     d loss / d logits during the forward and is the gradient backward passes on; may be `logits`
     itself (in place). Untouched when no gradient is needed (no_grad, or logits need none).
@@ -200,7 +215,7 @@ def ppo_policy_loss(
     """
     _checks.check_logits("logits", logits)
     V = logits.shape[-1]
-    check_policy_args(
+    mask = check_policy_args(
         "logits", logits, V, labels, old_logp, advantages, mask, clip_eps, clip_eps_high, temperature
     )
     triton_path = use_triton(backend, logits)

@@ -19,6 +19,8 @@ Shapes: N rows (flattened tokens), V vocab. Labels are int64; masks are bool, Tr
 
 import torch
 
+from .logit_transform import chain_transform_grad_, transform_logits
+
 # ours: 2**22 fp32 elements = 16 MiB per [C, V] temporary; a few of them live at once. Big enough
 # that per-chunk Python overhead is negligible (C = 131 rows at V = 32000), small enough to stay
 # in a server CPU's cache hierarchy (measured 5x faster than log_softmax over all of [2048, 32000])
@@ -41,10 +43,16 @@ def _row_chunks(n_rows: int, n_cols: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def token_logprobs_naive(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """logp_i = log softmax(logits_i / T)[labels_i], 0 where labels_i == ignore_index.
+def token_logprobs_naive(
+    logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False, logit_scale=1.0,
+    logit_softcap=None,
+):  # fmt: skip
+    """logp_i = log softmax(z_i / T)[labels_i], 0 where labels_i == ignore_index, with z the logits
+    after the model's transform (`logit_transform.transform_logits`: z = logit_scale * logits,
+    softcapped when logit_softcap is given; z = logits at the defaults).
     logits [..., V], labels [...] -> logp [...] (fp32), and entropy [...] when asked."""
-    x = logits.to(_compute_dtype(logits)) / temperature  # [..., V]
+    z = transform_logits(logits.to(_compute_dtype(logits)), logit_scale, logit_softcap)  # [..., V]
+    x = z / temperature  # [..., V]
     logsm = x.log_softmax(-1)  # [..., V]
     keep = labels != ignore_index  # [...]
     safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
@@ -75,17 +83,19 @@ def kl_penalty_reference(logp, ref_logp, estimator="k1"):
 
 
 def ppo_policy_loss_naive(
-    logits, labels, old_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, temperature=1.0
-):
+    logits, labels, old_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, temperature=1.0,
+    logit_scale=1.0, logit_softcap=None,
+):  # fmt: skip
     """The clipped PPO surrogate (Schulman et al. 2017, eq. 7, as a loss to minimise):
     loss = sum_i mask_i * max(-A_i * ratio_i, -A_i * clip(ratio_i, 1 - eps, 1 + eps_high)) / max(sum mask, 1)
     with ratio_i = exp(logp_i - old_logp_i). Stats: clip_frac (tokens where the clipped term is the
     larger, i.e. has zeroed the gradient; TRL's pg_clipfrac), approx_kl = mean((ratio - 1) - log ratio)
-    (k3 of KL(old || new), cleanrl's approx_kl), entropy (mean per-token entropy of the new policy)."""
+    (k3 of KL(old || new), cleanrl's approx_kl), entropy (mean per-token entropy of the new policy).
+    logit_scale, logit_softcap: the model's logit transform, as in `token_logprobs_naive`."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     ignore = torch.full_like(labels, -100)
     logp, entropy = token_logprobs_naive(
-        logits, torch.where(mask, labels, ignore), temperature, -100, return_entropy=True
+        logits, torch.where(mask, labels, ignore), temperature, -100, True, logit_scale, logit_softcap
     )
     log_ratio = logp - old_logp.to(logp.dtype)
     ratio = log_ratio.exp()
@@ -160,9 +170,10 @@ def gae_reference(rewards, values, mask, gamma=1.0, lam=0.95):
 # recomputes the softmax of each block instead of reading a saved logsumexp.
 
 
-def _scaled(logits_c, temperature, dtype):
-    """x = logits / T in the compute dtype, [C, V]; no copy for fp32 logits at T = 1."""
-    x = logits_c.to(dtype)
+def _scaled(logits_c, temperature, dtype, logit_scale, logit_softcap):
+    """x = z / T in the compute dtype, [C, V], z the transformed logits (`transform_logits`);
+    no copy for fp32 logits at T = 1 and the default transform."""
+    x = transform_logits(logits_c.to(dtype), logit_scale, logit_softcap)
     return x / temperature if temperature != 1.0 else x
 
 
@@ -180,16 +191,20 @@ def _softmax_grad(p, labels, keep, grad_logp):
     return grad
 
 
-def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
+def token_logprobs_fwd(
+    logits, labels, temperature, ignore_index, with_entropy, logit_scale=1.0, logit_softcap=None
+):
     """logits [N, V], labels [N] -> logp [N], None (no saved logsumexp: see above), entropy [N] or
-    None. Ignored rows get 0, as in `_token_logprobs_fwd_kernel`."""
+    None. Ignored rows get 0, as in `_token_logprobs_fwd_kernel`. logit_scale, logit_softcap: the
+    model's logit transform (`logit_transform.py`), applied before the temperature."""
     N, V = logits.shape
     dtype = _compute_dtype(logits)
     logp = torch.zeros(N, dtype=dtype, device=logits.device)  # [N]
     entropy = torch.zeros(N, dtype=dtype, device=logits.device) if with_entropy else None  # [N]
     for rows in _row_chunks(N, V):
         keep = labels[rows] != ignore_index  # [C]
-        logsm = torch.log_softmax(_scaled(logits[rows], temperature, dtype), dim=-1)  # [C, V]
+        x = _scaled(logits[rows], temperature, dtype, logit_scale, logit_softcap)  # [C, V]
+        logsm = torch.log_softmax(x, dim=-1)  # [C, V]
         target = logsm.gather(-1, torch.where(keep, labels[rows], 0).unsqueeze(-1)).squeeze(-1)
         logp[rows] = torch.where(keep, target, 0.0)
         if with_entropy:
@@ -197,15 +212,19 @@ def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
     return logp, None, entropy
 
 
-def token_logprobs_bwd(logits, labels, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad_out):
+def token_logprobs_bwd(
+    logits, labels, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad_out,
+    logit_scale=1.0, logit_softcap=None,
+):  # fmt: skip
     """Writes d(sum g_logp * logp + sum g_H * H)/d logits into grad_out [N, V] (logits' dtype;
     may alias logits: each chunk is read before it is written).
-    d logp_i / d z_ij = (onehot_ij - p_ij) / T and d H_i / d z_ij = -p_ij (log p_ij + H_i) / T."""
+    d logp_i / d z_ij = (onehot_ij - p_ij) / T and d H_i / d z_ij = -p_ij (log p_ij + H_i) / T,
+    times dz/d logits of the model's logit transform (`logit_transform.chain_transform_grad_`)."""
     N, V = logits.shape
     dtype = _compute_dtype(logits)
     for rows in _row_chunks(N, V):
         keep = labels[rows] != ignore_index  # [C]
-        x = _scaled(logits[rows], temperature, dtype)  # [C, V]
+        x = _scaled(logits[rows], temperature, dtype, logit_scale, logit_softcap)  # [C, V]
         d_entropy = None
         if grad_entropy is None:
             p = torch.softmax(x, dim=-1)  # [C, V], recomputed
@@ -219,25 +238,29 @@ def token_logprobs_bwd(logits, labels, entropy, grad_logp, grad_entropy, tempera
             grad += d_entropy
         if temperature != 1.0:
             grad /= temperature
+        chain_transform_grad_(grad, logits[rows].to(dtype), logit_scale, logit_softcap)
         grad_out[rows] = grad.to(grad_out.dtype)
 
 
 def ppo_policy_loss_fwd(
-    logits, labels, old_logp, advantages, mask, n_valid, temperature, clip_low, clip_high, grad_out
-):
+    logits, labels, old_logp, advantages, mask, n_valid, temperature, clip_low, clip_high, grad_out,
+    logit_scale=1.0, logit_softcap=None,
+):  # fmt: skip
     """Per-row terms of the clipped PPO loss and, when grad_out [N, V] is given, the gradient of the
     *whole* loss (the masked mean) with respect to the logits, written into it (logits' dtype; may
     alias logits). Mirrors `_ppo_policy_loss_fwd_kernel`.
     Returns loss_rows, clipped, approx_kl, entropy: [N] each, 0 on masked rows; the caller sums
     them and divides by n_valid.
-    d loss / d logp_i = -A_i * ratio_i / n_valid where the unclipped term is the larger, else 0."""
+    d loss / d logp_i = -A_i * ratio_i / n_valid where the unclipped term is the larger, else 0;
+    logit_scale, logit_softcap: the model's logit transform, as in `token_logprobs_fwd`."""
     N, V = logits.shape
     dtype = _compute_dtype(logits)
     out = {k: torch.zeros(N, dtype=dtype, device=logits.device) for k in ("loss", "clip", "kl", "ent")}
     for rows in _row_chunks(N, V):
         keep = mask[rows]  # [C]
         labels_c = torch.where(keep, labels[rows], 0)  # [C]
-        logsm = torch.log_softmax(_scaled(logits[rows], temperature, dtype), dim=-1)  # [C, V]
+        x = _scaled(logits[rows], temperature, dtype, logit_scale, logit_softcap)  # [C, V]
+        logsm = torch.log_softmax(x, dim=-1)  # [C, V]
         p = logsm.exp()  # [C, V]
         logp = logsm.gather(-1, labels_c.unsqueeze(-1)).squeeze(-1)  # [C]
         log_ratio = logp - old_logp[rows].to(dtype)
@@ -252,5 +275,6 @@ def ppo_policy_loss_fwd(
         if grad_out is not None:
             coef = torch.where(unclipped >= clipped, unclipped, 0.0) / n_valid  # [C]
             grad = _softmax_grad(p, labels_c, keep, coef / temperature)  # [C, V]
+            chain_transform_grad_(grad, logits[rows].to(dtype), logit_scale, logit_softcap)
             grad_out[rows] = grad.to(grad_out.dtype)
     return out["loss"], out["clip"], out["kl"], out["ent"]

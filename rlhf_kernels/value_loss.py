@@ -111,15 +111,13 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2, backend=None
     """Clipped value loss 0.5 * masked mean of max((V - R)^2, (clip(V, Vold +- eps) - R)^2).
 
     values: any float shape, e.g. [B, T] (the value head's output, differentiable); old_values,
-    returns: same shape, detached targets; mask: same shape, bool. clip_eps: InstructGPT 0.2.
+    returns: same shape, detached targets; mask: same shape, bool, or integer or floating {0, 1}
+    (checked: one host sync). clip_eps: InstructGPT 0.2.
     Returns (loss [] fp32, {"clip_frac": [] fp32 detached}). backend: as in `token_logprobs`.
     """
     _checks.check_float("values", values)
-    _checks.check_like("old_values", old_values, "values", values)
-    _checks.check_like("returns", returns, "values", values)
-    _checks.check_like("mask", mask, "values", values, dtype=torch.bool)
-    _checks.check_no_grad("old_values", old_values)
-    _checks.check_no_grad("returns", returns)
+    _checks.check_targets("values", values, old_values=old_values, returns=returns)
+    mask = _checks.as_bool_mask("mask", mask, "values", values)
     _checks.check_positive("clip_eps", clip_eps)
     if not use_triton(backend, values):
         return reference.ppo_value_loss_reference(values, old_values, returns, mask, clip_eps)

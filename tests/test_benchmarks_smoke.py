@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on CPU in their --smoke modes (issue 8): each in a subprocess,
-as a user would start it, writing its JSON to a temp dir. The TRL peer runs only where its venv
+as a user would start it (`python -m benchmarks.<script>` from the repository root, no sys.path
+edits), writing its JSON to a temp dir. The TRL peer runs only where its venv
 (benchmarks/setup_trl_venv.sh) exists."""
 
 import json
@@ -14,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRL_PYTHON = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 
 
-def run_script(name, *args, timeout=300):
+def run_script(module, *args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RLHF_KERNELS_BACKEND")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -31,7 +32,7 @@ def check_record(path):
 
 def test_kernels_smoke(tmp_path):
     out = tmp_path / "kernels.json"
-    stdout = run_script("kernels.py", "--smoke", "--out", str(out))
+    stdout = run_script("kernel_bench", "--smoke", "--out", str(out))
     assert "x faster" in stdout
     record = check_record(out)
     assert all("ms" in row for row in record["results"] if row["provider"] in ("ours", "torch"))
@@ -39,7 +40,7 @@ def test_kernels_smoke(tmp_path):
 
 def test_ppo_step_smoke(tmp_path):
     out = tmp_path / "ppo_step.json"
-    stdout = run_script("ppo_step.py", "--smoke", "--out", str(out))
+    stdout = run_script("ppo_step", "--smoke", "--out", str(out))
     assert "ours (PPO-ptx)" in stdout
     ours = check_record(out)["results"]["ours"]
     assert ours["total_s"]["n"] == 2 and ours["total_s"]["median"] > 0
@@ -50,7 +51,7 @@ def test_ppo_step_smoke(tmp_path):
 @pytest.mark.skipif(not TRL_PYTHON.exists(), reason="TRL peer venv missing (bash benchmarks/setup_trl_venv.sh)")
 def test_ppo_step_smoke_trl_peer(tmp_path):
     out = tmp_path / "ppo_step_trl.json"
-    stdout = run_script("ppo_step.py", "--smoke", "--providers", "ours-noptx", "trl-nogc", "--rounds", "2",
+    stdout = run_script("ppo_step", "--smoke", "--providers", "ours-noptx", "trl-nogc", "--rounds", "2",
                         "--out", str(out))
     results = check_record(out)["results"]
     assert "error" not in results["trl-nogc"], results["trl-nogc"]
@@ -63,7 +64,7 @@ def test_ppo_step_smoke_trl_peer(tmp_path):
 
 def test_capacity_smoke(tmp_path):
     out = tmp_path / "capacity.json"
-    stdout = run_script("capacity.py", "--smoke", "--out", str(out))
+    stdout = run_script("capacity", "--smoke", "--out", str(out))
     found = check_record(out)["results"]["ours"]
     assert found["largest"] == "h128-l2" and all(row["fits"] for row in found["rows"])
     assert "largest" in stdout
@@ -71,13 +72,13 @@ def test_capacity_smoke(tmp_path):
 
 def test_capacity_smoke_budget_stops_the_search(tmp_path):
     out = tmp_path / "capacity.json"
-    run_script("capacity.py", "--smoke", "--budget-mib", "1", "--out", str(out))
+    run_script("capacity", "--smoke", "--budget-mib", "1", "--out", str(out))
     found = check_record(out)["results"]["ours"]
     assert found["largest"] is None and len(found["rows"]) == 1 and not found["rows"][0]["fits"]
 
 
-def test_capacity_search_logic():
-    sys.path.insert(0, str(ROOT))
+def test_capacity_search_logic(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # the root is on sys.path under `python -m pytest`, not always under xdist
     from benchmarks.capacity import search
 
     limits = {"a": 2, "b": 0}  # provider a fits rungs 0..2, b none

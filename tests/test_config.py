@@ -38,7 +38,8 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
 
 
 def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(ConfigError, match=r"unknown config key 'inner.cof'; did you mean 'coef'\?"):
+    # the full dotted name, not the bare field
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.cof'; did you mean 'inner.coef'\?"):
         load_config(Outer, None, {"inner.cof": "1"})
     with pytest.raises(ConfigError, match="unknown config key 'zzz'; known keys"):
         load_config(Outer, None, {"zzz": "1"})
@@ -83,7 +84,7 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_field_help_lists_dotted_leaves():
-    names = [row[0] for row in field_help(Outer)]
+    names = [row.name for row in field_help(Outer) if not row.group]
     assert names == ["out_dir", "epochs", "flag", "inner.coef", "inner.target", "inner.names"]
 
 

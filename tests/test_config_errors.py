@@ -66,12 +66,19 @@ def sft_run(tmp_path) -> Path:
 # --- unknown keys, with a did-you-mean -----------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["sft", "--epoch", "3"], "unknown config key 'epoch'; did you mean 'epochs'?"),
-    (["sft", "--optim.lrr", "0.1"], "unknown config key 'optim.lrr'; did you mean 'lr'?"),
-    (["ppo", "--rollout.batchsize", "8"], "unknown config key 'rollout.batchsize'; did you mean 'batch_size'?"),
-    (["ppo", "--kl.coeff", "0.1"], "unknown config key 'kl.coeff'; did you mean 'coef'?"),
-    (["rm", "--model.lora_rank", "8"], "unknown config key 'model.lora_rank'; did you mean 'lora_r'?"),
-    (["pipeline", "--sft.epochz", "1"], "unknown config key 'sft.epochz'; did you mean 'epochs'?"),
+    (["sft", "--optim.lrr", "0.1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    (["ppo", "--rollout.batchsize", "8"], "unknown config key 'rollout.batchsize'; did you mean 'rollout.batch_size'?"),
+    (["ppo", "--kl.coeff", "0.1"], "unknown config key 'kl.coeff'; did you mean 'kl.coef'?"),
+    (["rm", "--model.lora_rank", "8"], "unknown config key 'model.lora_rank'; did you mean 'model.lora_r'?"),
+    (["pipeline", "--sft.epochz", "1"], "unknown config key 'sft.epochz'; did you mean 'sft.epochs'?"),
+    (["pipeline", "--ppo.kl.coeff", "1"], "unknown config key 'ppo.kl.coeff'; did you mean 'ppo.kl.coef'?"),
     (["sft", "--zzz", "1"], "unknown config key 'zzz'; known keys: "),
+    (["sft", "--optim.zz", "1"], "unknown config key 'optim.zz'; known keys in optim: adam_eps, lr, "),
+    # a field's name without its group, or a mistyped group
+    (["sft", "--lr", "0.1"], "unknown config key 'lr'; did you mean 'optim.lr'?"),
+    (["ppo", "--lora_r", "8"], "unknown config key 'lora_r'; did you mean 'model.lora_r'?"),
+    (["sft", "--optimizer.lr", "0.1"], "unknown config key 'optimizer.lr'; did you mean 'optim.lr'?"),
+    (["ppo", "--rollout.coef", "0.1"], "unknown config key 'rollout.coef'; did you mean 'kl.coef'?"),
 ])
 def test_unknown_keys_suggest_the_close_one(capsys, argv, message):
     assert message in cli_error(capsys, argv)
@@ -81,9 +88,35 @@ def test_unknown_key_in_a_yaml_file(capsys, tmp_path):
     path = tmp_path / "ppo.yaml"
     path.write_text("iterations: 3\nkl:\n  coef: 0.1\n  horizn: 100\n")
     err = cli_error(capsys, ["ppo", "--config", str(path)])
-    assert "unknown config key 'kl.horizn'; did you mean 'horizon'?" in err
-    with pytest.raises(ConfigError, match=r"unknown config key 'kl\.horizn'; did you mean 'horizon'\?"):
+    assert "unknown config key 'kl.horizn'; did you mean 'kl.horizon'?" in err
+    with pytest.raises(ConfigError, match=r"unknown config key 'kl\.horizn'; did you mean 'kl\.horizon'\?"):
         load_config(PPOConfig, path)
+
+
+# --- names users bring from TRL / Hugging Face TrainingArguments ---------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--learning_rate", "1e-4"], "unknown config key 'learning_rate': TRL / Hugging Face's "
+                                         "'learning_rate' is 'optim.lr' here"),
+    (["sft", "--max_steps", "10"], "'max_steps' is 'epochs' here (runs are counted in epochs"),
+    (["ppo", "--max_steps", "10"], "'max_steps' is 'iterations' here"),
+    (["sft", "--num_train_epochs", "2"], "'num_train_epochs' is 'epochs' here"),
+    (["sft", "--per_device_train_batch_size", "4"], "'per_device_train_batch_size' is 'micro_batch_size' here"),
+    (["rm", "--gradient_accumulation_steps", "4"], "'gradient_accumulation_steps' is 'batch_size' here "
+                                                   "(accumulation = batch_size / micro_batch_size)"),
+    (["sft", "--output_dir", "x"], "'output_dir' is 'out_dir' here (or --out)"),
+    (["sft", "--model_name_or_path", "x"], "'model_name_or_path' is 'model.path' here"),
+    (["pipeline", "--model_name_or_path", "x"], "'model_name_or_path' is 'model_path' here"),
+    (["ppo", "--cliprange", "0.1"], "'cliprange' is 'clip_eps' here"),
+    (["ppo", "--kl_coef", "0.1"], "'kl_coef' is 'kl.coef' here"),
+    (["sft", "--report_to", "wandb"], "unknown config key 'report_to': not supported here: metrics go to "
+                                      "<out>/metrics.jsonl"),
+])
+def test_names_from_trl_and_hf_get_a_hint(capsys, argv, message):
+    assert message in cli_error(capsys, argv)
+
+
+def test_seed_is_the_same_name_here():
+    assert load_config(SFTConfig, overrides={"seed": "3"}).seed == 3
 
 
 # --- wrong types ---------------------------------------------------------------------------------
@@ -93,6 +126,11 @@ def test_unknown_key_in_a_yaml_file(capsys, tmp_path):
     (["sft", "--optim.lr", "fast"], "optim.lr: expected a number, got 'fast'"),
     (["ppo", "--auto_halve_micro_batch", "maybe"], "auto_halve_micro_batch: expected true or false, got 'maybe'"),
     (["sft", "--model.quantization", "int8"], "model.quantization: must be one of 'nf4', 'none'; got 'int8'"),
+    (["eval", "--gold", "gpt4"], "gold: must be one of 'toy', 'none'; got 'gpt4'"),
+    (["sft", "--precision", "bf8"], "precision: must be one of 'auto', 'bf16', 'fp16', 'fp32'; got 'bf8'"),
+    (["ppo", "--kl.estimator", "k4"], "kl.estimator: must be one of 'k1', 'k2', 'k3'; got 'k4'"),
+    (["pipeline", "--rm_labels", "human"], "rm_labels: must be one of 'sampled', 'file'; got 'human'"),
+    (["pipeline", "--ppo_variants", "[ppo, dpo]"], "ppo_variants[1]: must be one of 'ppo', 'ppo_ptx'; got 'dpo'"),
     (["ppo", "--rollout", "3"], "rollout: expected a mapping of RolloutConfig fields, got 3"),
     (["ppo", "--kl.coef.value", "3"], "kl.coef: expected a number, got {'value': 3}"),
 ])
@@ -142,18 +180,21 @@ def test_ptx_coef_without_a_pretraining_set(capsys, sft_run):
 def test_missing_paths(capsys, tmp_path, world):
     nope = tmp_path / "nope"
     assert f"config file '{nope}.yaml' does not exist" in cli_error(capsys, ["sft", "--config", f"{nope}.yaml"])
-    assert f"model.path: model '{nope}' does not exist" in cli_error(
+    assert f"model.path (--model): model '{nope}' does not exist" in cli_error(
         capsys, ["sft", "--model", str(nope), "--data", str(world.sft)])
-    assert "model.path: a model is required" in cli_error(capsys, ["sft", "--data", str(world.sft)])
-    assert f"data.path: demonstrations file (--data sft.jsonl) '{nope}.jsonl' does not exist" in cli_error(
+    assert "model.path: a model is required (--model DIR, FILE.gguf or a Hub id)" in cli_error(
+        capsys, ["sft", "--data", str(world.sft)])
+    assert f"data.path (--data): demonstrations file '{nope}.jsonl' does not exist" in cli_error(
         capsys, ["sft", "--model", str(world.model), "--data", f"{nope}.jsonl"])
+    assert f"data.demonstrations (--demos): demonstrations file '{nope}' does not exist" in cli_error(
+        capsys, ["rm", "--model", str(world.model), "--data", str(world.rankings), "--demos", str(nope)])
     assert f"'{nope}' has no 'policy' adapter" in cli_error(
         capsys, ["rm", "--model", str(world.model), "--data", str(world.rankings), "--sft", str(nope)])
-    assert f"data.pretrain: pretraining file '{nope}' does not exist" in cli_error(
+    assert f"data.pretrain (--pretrain): pretraining file '{nope}' does not exist" in cli_error(
         capsys, ["eval", "--model", str(world.model), "--data", str(world.prompts), "--sft", str(nope),
                  "--rm", str(nope), "--pretrain", str(nope)])
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=r"data\.path: a demonstrations file \(--data sft\.jsonl\) is required"):
+    with pytest.raises(ConfigError, match=r"data\.path: a demonstrations file is required \(--data sft\.jsonl\)"):
         train_sft(SFTConfig(model=ModelConfig(path=str(world.model)), out_dir=str(out)))
     assert not out.exists()  # checked before the run directory is made
 
@@ -190,5 +231,5 @@ def test_pipeline_data_dir_fills_the_files_it_holds(capsys, tmp_path):
     assert cfg.data.sft == str(tmp_path / "sft.jsonl") and cfg.data.pretrain == str(tmp_path / "pretrain.jsonl")
     assert cfg.data.prompts == "/elsewhere/prompts.jsonl"  # a file named on its own wins over the directory's
     assert cfg.data.rankings == ""  # not in the directory
-    assert f"data.dir: data directory '{tmp_path / 'nope'}' does not exist" in cli_error(
+    assert f"data.dir (--data): data directory '{tmp_path / 'nope'}' does not exist" in cli_error(
         capsys, ["pipeline", "--model", "/m", "--data", str(tmp_path / "nope")])

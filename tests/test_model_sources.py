@@ -38,7 +38,7 @@ def test_what_reads_as_a_hub_id(value, is_hub_id):
 
 def test_missing_local_paths_are_one_line_errors(tmp_path):
     nope = tmp_path / "nope"
-    with pytest.raises(ConfigError, match=rf"model.path: model '{nope}' does not exist \(expected a local"):
+    with pytest.raises(ConfigError, match=rf"model.path \(--model\): model '{nope}' does not exist \(expected a"):
         require_model_source(str(nope), "model.path")
     with pytest.raises(ModelError, match=rf"model path '{nope}' does not exist \(expected a local Hugging Face"):
         resolve_model_source(nope)

@@ -132,7 +132,7 @@ def test_sft_lowers_the_validation_loss_and_writes_a_complete_run_dir(sft_run):
     weights = load_file(out / "policy" / "adapter_model.safetensors")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # lora_B starts at zero: trained weights
-    assert (out / "sft_metrics.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "metrics.png").read_bytes()[:8] == PNG_MAGIC
     assert {r["stage"] for r in read_metrics(out)} == {"sft"}
     assert done["steps"] == cfg.epochs * 11  # 171 training demonstrations / 16 -> 11 steps an epoch
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -162,7 +162,7 @@ def test_rm_from_sft_ranks_held_out_answers_well_above_chance(rm_run):
     assert normalised["val_score_mean"] == pytest.approx(trained["val_score_mean"] + done["offset"], abs=1e-4)
     for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors"):
         assert (out / "reward" / name).is_file(), name
-    assert (out / "rm_metrics.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "metrics.png").read_bytes()[:8] == PNG_MAGIC
     assert load_config(RMConfig, out / "config.yaml") == cfg
 
 

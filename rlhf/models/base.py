@@ -8,7 +8,9 @@ decoder body whose output is the LM head's input, and the LoRA settings that fit
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -16,9 +18,10 @@ from peft import LoraConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from rlhf.config import looks_like_hub_id
-from rlhf.errors import ModelError
+from rlhf.errors import ConfigError, ModelError
 from rlhf.models.config import ModelConfig
 from rlhf.models.gguf_import import converted_gguf_dir
 
@@ -70,11 +73,15 @@ def _not_loadable(path: str | Path, what: str, err: Exception) -> ModelError:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
+    """None or "auto": cuda when available, else cpu. The one device resolver (models, stages, eval)."""
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: '{device}' requested but CUDA is not available; use device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
     return device
 
 
@@ -125,9 +132,14 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTra
         )
         kwargs["device_map"] = {"": device}  # quantization happens as the weights land on the device
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise _not_loadable(cfg.path, "a causal LM", err) from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is more than tensors
+        raise ModelError(f"cannot load a causal LM from '{cfg.path}': its pytorch_model.bin holds more than "
+                         "plain weights (a pickle that could run code), so it was not loaded; use a "
+                         "model.safetensors copy of the model") from None
     if cfg.quantization == "none":
         model.to(device)
     else:
@@ -153,6 +165,19 @@ def _check_vocabulary_fits(model: PreTrainedModel, tokenizer, path: str) -> None
     if len(tokenizer) > rows:
         log.warning("'%s': the tokenizer has %d tokens but the model only %d embedding rows; ids past %d "
                     "cannot be used", path, len(tokenizer), rows, rows - 1)
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Hide transformers' "Loading weights" bar for one load: a run loads the base once per stage (six
+    bars per demo, each a long carriage-return line in a log file); the stage's own progress says more."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _keep_one_cpu_nf4_path(model: nn.Module) -> None:

@@ -31,6 +31,7 @@ class ModelConfig:
     linear layer but the output head; or an explicit list of module names."""
 
     gradient_checkpointing: bool = False  # ours: the toy models fit easily; turn on for 1B+ models on one GPU
+
     # MISSION numerics: bf16 is the GPU default (fp16 overflows without care); "auto": bf16 on CUDA, fp32 on CPU
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rlhf.config import ChatTemplateSetting, require_model_source, require_path
 from rlhf.errors import ConfigError
-from rlhf.models import ModelConfig
+from rlhf.models.config import ModelConfig
 from rlhf.stage_dirs import adapter_dir
-from rlhf.training import OptimConfig
+from rlhf.optim_config import OptimConfig
 
 
 @dataclass
@@ -21,7 +22,7 @@ class PPOData:
     use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
     # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail loudly on bad records unless asked to skip and count
-    seed: int = 0
+    seed: int = 0  # the user-id split's seed: eval must use the same one to keep training users out
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -53,7 +54,8 @@ class RolloutConfig:
 @dataclass
 class KLConfig:
     coef: float = 0.02  # InstructGPT appendix C.4: KL reward coefficient beta = 0.02
-    estimator: str = "k1"  # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
     target: float | None = None  # Ziegler et al. 2019 adaptive controller; None = fixed beta (InstructGPT)
     horizon: int = 10000  # Ziegler et al. 2019: horizon of the adaptive controller, in samples
 
@@ -82,7 +84,7 @@ class PPOConfig:
     data: PPOData = field(default_factory=PPOData)
     sft_dir: str = ""  # SFT run dir: its adapter initialises the policy and is the frozen reference
     rm_dir: str = ""  # RM run dir: its adapter and head are the frozen reward and initialise the value
-    out_dir: str = "runs/ppo"
+    out_dir: str = "runs/ppo"  # the run directory: policy/ and value/ adapters, config.yaml, metrics, checkpoints/
     iterations: int = 30  # ours: rollout batches; the toy world improves within ~30
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
@@ -102,11 +104,11 @@ class PPOConfig:
     auto_halve_micro_batch: bool = False  # ours: on CUDA OOM, halve micro_batch_size and retry
     checkpoint_every: int = 10  # ours: iterations between checkpoints
     keep_last: int = 2  # ours: checkpoints kept on disk
-    resume: str = ""  # "" fresh, "auto" newest complete checkpoint in out_dir, or a checkpoint path
-    log_every: int = 1
-    seed: int = 0
+    resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
+    overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
+    seed: int = 0  # python, numpy and torch seeds: sampling and the mini-batch order
     device: str = "auto"  # cuda when available, else cpu
-    precision: str = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
 
     def validate(self) -> None:
         if self.ptx_coef < 0:
@@ -134,8 +136,8 @@ class PPOConfig:
         if self.ptx_coef > 0 and not self.data.pretrain:
             raise ConfigError(f"ptx_coef={self.ptx_coef} needs data.pretrain (--pretrain pretrain.jsonl)")
         require_model_source(self.model.path, "model.path")
-        require_path(self.data.path, "data.path", "prompts file (--data prompts.jsonl)")
+        require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
         if self.data.pretrain:
-            require_path(self.data.pretrain, "data.pretrain", "pretraining file")
+            require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
         adapter_dir(self.sft_dir, "policy")
         adapter_dir(self.rm_dir, "reward")

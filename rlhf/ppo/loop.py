@@ -15,23 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from rlhf.checkpoint import (load_trainer_state, resolve_resume, rng_state,
-                             save_checkpoint, save_trainer_state, set_rng_state)
-from rlhf.config import save_config, validate
 from rlhf.data import load_records, split_by_user
-from rlhf.metrics import MetricsLogger, postfix
+from rlhf.metrics import postfix
 from rlhf.models import RoleModel
 from rlhf.ppo.batches import PretrainBatches, PromptBatches
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.kl_controller import KLController
 from rlhf.ppo.rewards import score_penalties, shape_rewards
 from rlhf.ppo.rollout import Rollout, sample, score
-from rlhf.ppo.update import UpdateSettings, ppo_epochs
-from rlhf.stage_dirs import adapter_dir, mark_done
-from rlhf.training import (MicroBatchHalver, NonFiniteError, NonFiniteGuard, build_optimizer, cosine_schedule,
-                           is_oom, oom_error, resolve_device, set_seed)
+from rlhf.ppo.update import Trainer, ppo_epochs
+from rlhf.stage_dirs import adapter_dir
+from rlhf.progress import progress
+from rlhf.stage_run import Piece, StageRun
+from rlhf.training import MicroBatchHalver, NonFiniteGuard, build_optimizer, cosine_schedule
 from rlhf_kernels import gae, whiten
 
 log = logging.getLogger("rlhf.ppo")
@@ -46,20 +43,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 # what to lower when a PPO iteration runs out of memory (rollouts, scoring or the update)
 PPO_MEMORY_SETTINGS = ["micro_batch_size", "rollout.batch_size", "rollout.max_new_tokens", "data.max_prompt_length"]
-
-
-@dataclass
-class Trainer:
-    """What one PPO iteration updates besides the model."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    params: list[torch.nn.Parameter]
-    kl_ctl: KLController
-    guard: NonFiniteGuard
-    generator: torch.Generator  # mini-batch shuffles
-    ptx_batches: PretrainBatches | None
-    settings: UpdateSettings
-    halver: MicroBatchHalver  # the micro-batch size of scoring and the update (halved on OOM if asked)
 
 
 @dataclass
@@ -91,25 +74,24 @@ def ppo_iteration(cfg: PPOConfig, model: RoleModel, trainer: Trainer, prompts: t
     rollout.advantages = whiten(advantages, rollout.answer_mask)
     t_score = time.perf_counter()
     # 5. PPO epochs over reshuffled mini-batches: clipped policy loss + clipped value loss (+ ptx)
-    stats = ppo_epochs(model, rollout, trainer.optimizer, trainer.scheduler, trainer.params, trainer.settings,
-                       trainer.generator, trainer.ptx_batches.next if trainer.ptx_batches else None,
-                       trainer.guard, iteration, trainer.halver)
+    stats = ppo_epochs(cfg, model, rollout, trainer, iteration)
     timings = {"rollout_s": t_rollout - t0, "score_s": t_score - t_rollout,
                "update_s": time.perf_counter() - t_score}
     return IterationResult(rollout, scores, kl, stats, timings)
 
 
-def build_trainer(cfg: PPOConfig, model: RoleModel, ptx_batches: PretrainBatches | None) -> Trainer:
-    """One optimiser over the policy and value adapters (and the value head)."""
+def build_trainer(cfg: PPOConfig, model: RoleModel, ptx_batches: PretrainBatches | None,
+                  guard: NonFiniteGuard | None = None, halver: MicroBatchHalver | None = None) -> Trainer:
+    """One optimiser over the policy and value adapters (and the value head). `guard` and `halver`: the
+    stage run's (new ones when PPO iterations run outside a stage run, as in tests and benchmarks)."""
     params = model.parameters("policy") + model.parameters("value")
     optimizer = build_optimizer(params, cfg.optim)
-    settings = UpdateSettings(cfg.ppo_epochs, cfg.mini_batch_size, cfg.clip_eps,
-                              cfg.value_clip_eps, cfg.vf_coef, cfg.ptx_coef, cfg.rollout.temperature,
-                              cfg.optim.max_grad_norm, cfg.precision)
-    halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "PPO iteration", PPO_MEMORY_SETTINGS)
-    return Trainer(optimizer, cosine_schedule(optimizer, cfg.iterations, cfg.optim), params,
-                   KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon), NonFiniteGuard(cfg.max_nonfinite_in_a_row),
-                   torch.Generator().manual_seed(cfg.seed), ptx_batches, settings, halver)
+    guard = guard or NonFiniteGuard(cfg.max_nonfinite_in_a_row)
+    halver = halver or MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "PPO iteration",
+                                        PPO_MEMORY_SETTINGS)
+    return Trainer(optimizer=optimizer, scheduler=cosine_schedule(optimizer, cfg.iterations, cfg.optim), params=params,
+                   kl_ctl=KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon), guard=guard,
+                   generator=torch.Generator().manual_seed(cfg.seed), ptx_batches=ptx_batches, halver=halver)
 
 
 def build_roles(cfg: PPOConfig, device: torch.device, resume_from: Path | None) -> RoleModel:
@@ -126,88 +108,47 @@ def build_roles(cfg: PPOConfig, device: torch.device, resume_from: Path | None) 
 
 def train(cfg: PPOConfig) -> Path:
     """Run PPO (ptx_coef > 0: PPO-ptx) and return the run directory (policy adapter in `out/policy`)."""
-    validate(cfg)
-    cfg.check_inputs()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = resolve_resume(out, cfg.resume, cfg)  # before config.yaml is replaced
-    save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg.device)
-    set_seed(cfg.seed)
-
-    prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
-    train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
-    model = build_roles(cfg, device, resume_from)
-    prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
-                                   cfg.data.max_prompt_length, cfg.seed, device, cfg.data.use_chat_template)
-    ptx_batches = None
-    if cfg.ptx_coef > 0:
-        texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
-        # the held-out texts measure the pretraining loss at evaluation, so ptx never trains on them
-        texts, _ = split_by_user(texts, cfg.data.val_fraction, cfg.data.seed)
-        ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
-                                      cfg.seed, device)
-    trainer = build_trainer(cfg, model, ptx_batches)
-    optimizer, scheduler, kl_ctl, guard, generator = (trainer.optimizer, trainer.scheduler, trainer.kl_ctl,
-                                                      trainer.guard, trainer.generator)
-    start = 0
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl_controller"])
-        guard.load_state_dict(state["guard"])
-        generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
-        start = state["iteration"]
-        if ptx_batches is not None:
-            ptx_batches.position = state["ptx_position"]
-        log.info("resumed from %s at iteration %d", resume_from, start)
-    metrics = MetricsLogger(out, "ppo", resume_step=start if resume_from else None)
-
-    def checkpoint(iteration: int) -> None:
-        def write(directory: Path) -> None:
-            model.save_role("policy", directory / "policy")
-            model.save_role("value", directory / "value")
-            save_trainer_state(directory, {
-                "iteration": iteration, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "kl_controller": kl_ctl.state_dict(), "guard": guard.state_dict(),
-                "generator": generator.get_state(), "rng": rng_state(),
-                "ptx_position": ptx_batches.position if ptx_batches else 0})
-        save_checkpoint(out, iteration, write, keep_last=cfg.keep_last, config=cfg)
-
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
-    for iteration in bar:
-        t0 = time.perf_counter()
-        try:
+    with StageRun(cfg, "ppo", "PPO iteration", PPO_MEMORY_SETTINGS) as run:
+        if run.finished:
+            return run.out
+        prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
+        train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
+        model = build_roles(cfg, run.device, run.resume_from)
+        prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
+                                       cfg.data.max_prompt_length, cfg.seed, run.device,
+                                       cfg.data.use_chat_template)
+        ptx_batches = None
+        if cfg.ptx_coef > 0:
+            texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
+            # the held-out texts measure the pretraining loss at evaluation, so ptx never trains on them
+            texts, _ = split_by_user(texts, cfg.data.val_fraction, cfg.data.seed)
+            ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
+                                          cfg.seed, run.device)
+        trainer = build_trainer(cfg, model, ptx_batches, run.guard, run.halver)
+        ptx_position = Piece(lambda: ptx_batches.position if ptx_batches else 0,
+                             lambda position: setattr(ptx_batches, "position", position) if ptx_batches else None)
+        start = run.begin(model, ["policy", "value"], trainer.optimizer, trainer.scheduler,
+                          kl_controller=trainer.kl_ctl, generator=trainer.generator, ptx_position=ptx_position)
+        bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
+        for iteration in bar:
+            t0 = time.perf_counter()
             result = ppo_iteration(cfg, model, trainer, prompt_batches.batch(iteration), iteration)
-        except NonFiniteError:
-            checkpoint(iteration)  # the weights are the last good ones: bad steps were skipped
-            raise
-        except RuntimeError as err:
-            if is_oom(err):
-                raise oom_error("PPO iteration", PPO_MEMORY_SETTINGS, can_halve=not cfg.auto_halve_micro_batch) from err
-            raise
-        rollout, scores, kl, stats = result.rollout, result.scores, result.kl, result.stats
-        # 6. KL controller, log, checkpoint
-        kl_per_answer = kl.sum(dim=1).mean()  # sequence-level KL, the quantity the controller targets
-        kl_ctl.update(kl_per_answer.item(), cfg.rollout.batch_size)
-        step = iteration + 1
-        elapsed = time.perf_counter() - t0
-        answer_tokens = rollout.answer_mask.sum()
-        row = metrics.log(step, {
-            "rm_score": rollout.rm_scores.mean(), "score_with_penalties": scores.mean(),
-            "kl_to_ref": kl_per_answer, "kl_coef": kl_ctl.value, "answer_length": answer_tokens / len(scores),
-            "no_eos_frac": 1.0 - rollout.ended_with_eos.float().mean(),
-            "explained_variance": explained_variance(rollout.values, rollout.returns, rollout.answer_mask),
-            **stats, "tokens_per_s": answer_tokens / elapsed, **result.timings_s,
-            "lr": scheduler.get_last_lr()[0], "skipped_steps": guard.skipped_total})
-        bar.set_postfix(postfix(row, ("rm_score", "kl_to_ref")))
-        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-            checkpoint(step)
-    metrics.close()
-    model.save_role("policy", out / "policy")
-    model.save_role("value", out / "value")
-    mark_done(out)
-    log.info("PPO done: policy adapter in %s", out / "policy")
-    return out
+            rollout, scores, kl, stats = result.rollout, result.scores, result.kl, result.stats
+            # 6. KL controller, log, checkpoint
+            kl_per_answer = kl.sum(dim=1).mean()  # sequence-level KL, the quantity the controller targets
+            trainer.kl_ctl.update(kl_per_answer.item(), cfg.rollout.batch_size)
+            step = iteration + 1
+            elapsed = time.perf_counter() - t0
+            answer_tokens = rollout.answer_mask.sum()
+            row = run.metrics.log(step, {
+                "rm_score": rollout.rm_scores.mean(), "score_with_penalties": scores.mean(),
+                "kl_to_ref": kl_per_answer, "kl_coef": trainer.kl_ctl.value, "answer_length": answer_tokens / len(scores),
+                "no_eos_frac": 1.0 - rollout.ended_with_eos.float().mean(),
+                "explained_variance": explained_variance(rollout.values, rollout.returns, rollout.answer_mask),
+                **stats, "tokens_per_s": answer_tokens / elapsed, **result.timings_s,
+                "lr": trainer.scheduler.get_last_lr()[0], "skipped_steps": run.guard.skipped_total})
+            bar.set_postfix(postfix(row, ("rm_score", "kl_to_ref")))
+            run.step_done(step, cfg.iterations)
+        run.finish()
+    log.info("PPO done: policy adapter in %s", run.out / "policy")
+    return run.out

@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from rlhf.toy.config import ToyConfig
+from rlhf.toy.config import ToyRunConfig  # noqa: F401  (re-exported; torch-free for `rlhf toy --help`)
 from rlhf.toy.write import ToyWorld, write_toy_world
-
-
-@dataclass
-class ToyRunConfig:
-    out_dir: str = "runs/toy"
-    overwrite: bool = False  # rewrite a world written with another config
-    world: ToyConfig = field(default_factory=ToyConfig)
 
 
 def write_toy_world_from_config(cfg: ToyRunConfig) -> ToyWorld:

@@ -1,6 +1,6 @@
 """`ToyConfig`: the size of the toy world, the shape of its base model and how long it is pretrained."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from rlhf.errors import ConfigError
 
@@ -82,3 +82,10 @@ class ToyConfig:
                 raise ConfigError(f"toy.{name}={getattr(self, name)}: must be > 0")
         if self.weight_decay < 0:
             raise ConfigError(f"toy.weight_decay={self.weight_decay}: must be >= 0")
+
+
+@dataclass
+class ToyRunConfig:
+    out_dir: str = "runs/toy"  # the world: sft, rankings, prompts and pretrain .jsonl files and model/
+    overwrite: bool = False  # rewrite a world written with another config
+    world: ToyConfig = field(default_factory=ToyConfig)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from rlhf.progress import progress
 from rlhf.toy.config import ToyConfig
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def pretrain_base(
     metrics = metrics_path.open("a") if metrics_path is not None else None
     model.train()
     start_time = time.perf_counter()
-    bar = tqdm(range(cfg.pretrain_steps), desc="toy pretrain", unit="step", dynamic_ncols=True)
+    bar = progress(range(cfg.pretrain_steps), desc="toy pretrain", unit="step", dynamic_ncols=True)
     for step in bar:
         if cursor + cfg.batch_size > len(order):  # a fresh shuffle each pass over the corpus
             order, cursor = torch.randperm(len(sequences), generator=generator), 0

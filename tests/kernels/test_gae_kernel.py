@@ -108,5 +108,5 @@ def test_errors_name_the_argument():
         gae(rewards.reshape(-1), values.detach().reshape(-1), mask.reshape(-1))
     with pytest.raises(ValueError, match=r"lam must be a float in \[0, 1\]; got 1.5"):
         gae(rewards, values.detach(), mask, lam=1.5)
-    with pytest.raises(TypeError, match="mask must be torch.bool; got torch.float32"):
-        whiten(rewards, mask.float())
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(bool, int or float\); got 0.5"):
+        whiten(rewards, mask.float() * 0.5)

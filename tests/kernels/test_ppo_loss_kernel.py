@@ -170,8 +170,8 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"old_logp requires grad, .* pass old_logp.detach\(\)"):
         ppo_policy_loss(logits, labels, old_logp.requires_grad_(), advantages, mask)
     old_logp = old_logp.detach()
-    with pytest.raises(TypeError, match="mask must be torch.bool; got torch.float32"):
-        ppo_policy_loss(logits, labels, old_logp, advantages, mask.float())
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(bool, int or float\); got -1.0"):
+        ppo_policy_loss(logits, labels, old_logp, advantages, -mask.float())
     with pytest.raises(ValueError, match=r"advantages must be \[4\] to match labels; got \[4, 1\]"):
         ppo_policy_loss(logits, labels, old_logp, advantages[:, None], mask)
     bad = labels.clone()

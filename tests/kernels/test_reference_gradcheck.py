@@ -89,3 +89,26 @@ def test_whiten():
     mask = torch.rand(3, 5) > 0.3
     assert gradcheck(lambda x: whiten(x, mask), (_f64(3, 5),))
     assert gradcheck(lambda x: whiten(x, mask, shift_mean=False), (_f64(3, 5),))
+
+
+@pytest.mark.parametrize("logit_scale, logit_softcap", [(0.5, None), (1.7, 3.0)])
+def test_fused_linear_with_logit_transform(logit_scale, logit_softcap):
+    # the chunked path's hand-written chain rule through the scale and tanh, and the naive reference
+    transform = dict(logit_scale=logit_scale, logit_softcap=logit_softcap)
+    hidden, weight, bias = _f64(6, 4), _f64(11, 4), _f64(11)
+    labels = torch.tensor([1, -100, 10, 0, 7, 3])
+    fn = lambda h, w, b: fused_linear_token_logprobs(  # noqa: E731
+        h, w, labels, bias=b, temperature=1.3, return_entropy=True, chunk_size=2, backend="torch", **transform
+    )
+    assert gradcheck(fn, (hidden, weight, bias))
+    naive = lambda h, w, b: reference.token_logprobs_naive(  # noqa: E731
+        h @ w.T + b, labels, 1.3, return_entropy=True, **transform
+    )
+    assert gradcheck(naive, (hidden, weight, bias))
+    labels, old_logp, advantages, mask = _ppo_data(
+        6, lambda: reference.transform_logits(hidden @ weight.T + bias, **transform)
+    )
+    fn = lambda h, w, b: fused_linear_ppo_loss(  # noqa: E731
+        h, w, labels, old_logp, advantages, mask, bias=b, chunk_size=2, backend="torch", **transform
+    )[0]
+    assert gradcheck(fn, (hidden, weight, bias))

@@ -81,5 +81,5 @@ def test_errors_name_the_argument():
         ppo_value_loss(values, old_values, returns.requires_grad_(), mask)
     with pytest.raises(ValueError, match=r"old_values must be \[2, 3\] to match values; got \[3, 2\]"):
         ppo_value_loss(values, old_values.T, returns.detach(), mask)
-    with pytest.raises(TypeError, match="mask must be torch.bool; got torch.int64"):
-        ppo_value_loss(values, old_values, returns.detach(), mask.long())
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(bool, int or float\); got 2"):
+        ppo_value_loss(values, old_values, returns.detach(), mask.long() * 2)

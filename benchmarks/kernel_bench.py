@@ -21,10 +21,10 @@ fwd+bwd: read them once and write their gradient once), with % of the device's p
 - CPU: time.perf_counter over repeats; peak memory = the process's peak resident set (VmHWM, reset
   through /proc/self/clear_refs before each run) minus its resident set before the run, with
   glibc's mmap threshold fixed at 64 KiB (mallopt) so that freed tensors leave the resident set.
-Usage:
-  python benchmarks/kernels.py --smoke                  # tiny sizes, seconds, any machine
-  python benchmarks/kernels.py                          # GPU: the full grid; CPU: N=2048 V=32000 H=512
-  python benchmarks/kernels.py --n 8192 --v 151936      # one point of the grid
+Usage (from the repository root; `benchmarks` is a package):
+  python -m benchmarks.kernel_bench --smoke                  # tiny sizes, seconds, any machine
+  python -m benchmarks.kernel_bench                          # GPU: the full grid; CPU: N=2048 V=32000 H=512
+  python -m benchmarks.kernel_bench --n 8192 --v 151936      # one point of the grid
 Prints a table with ratio columns (x faster, x less memory than the torch provider) and writes JSON
 with the device, torch/triton versions, git commit and date.
 """
@@ -32,18 +32,13 @@ with the device, torch/triton versions, git commit and date.
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # see ppo_step.py
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._common import ROOT, environment, fix_malloc_threshold, median_p20_p80, proc_status_bytes  # noqa: E402
-from rlhf_kernels import fused_linear_ppo_loss, ppo_policy_loss, reference, token_logprobs  # noqa: E402
+from benchmarks._common import ROOT, environment, fix_malloc_threshold, median_p20_p80, proc_status_bytes
+from rlhf_kernels import fused_linear_ppo_loss, ppo_policy_loss, reference, token_logprobs
 # Peak HBM bandwidth by device name (vendor datasheets), for the "% of peak" column.
 PEAK_GBS = {"H100 PCIe": 2000.0, "H100": 3350.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
 GPU_GRID_N = (2048, 8192, 32768)

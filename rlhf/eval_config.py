@@ -1,0 +1,76 @@
+"""`EvalConfig`: what `rlhf eval` compares and how (see `rlhf/eval.py`). Torch-free, so
+`rlhf eval --help` is fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path
+from rlhf.errors import ConfigError
+from rlhf.models.config import ModelConfig
+from rlhf.stage_dirs import adapter_dir
+
+
+@dataclass
+class EvalData:
+    path: str = ""  # prompts; the held-out users' prompts are evaluated (same split as PPO)
+    pretrain: str = ""  # {"text"} records; "" skips pretrain_loss
+    val_fraction: float = 0.1  # must match the PPO run's split so its training users stay out
+    max_prompts: int = 200  # ours: enough prompts for a win rate within a few points
+    max_prompt_length: int = 48  # as PPO's data.max_prompt_length: longer prompts keep their end
+    max_pretrain_length: int = 64  # as PPO's data.max_pretrain_length: tokens per pretraining chunk
+    max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
+    skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
+    seed: int = 0  # must match the PPO run's data.seed (the same user-id split)
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: EvalData = field(default_factory=EvalData)
+    sft_dir: str = ""  # the SFT run: its policy adapter is the baseline and the KL reference
+    rm_dir: str = ""  # the RM run: scores the answers
+    policy_dir: str = ""  # one policy run to compare with SFT ("" = SFT alone)
+    policies: dict[str, str] = field(default_factory=dict)  # more policies: {name: run dir}
+    out_dir: str = "runs/eval"  # eval.json is written here
+    gold: Literal["toy", "none"] = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
+    max_new_tokens: int = 16  # longest sampled answer; the pipeline passes PPO's rollout.max_new_tokens
+    temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
+    answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
+    batch_size: int = 64  # ours: prompts per sampling forward and chunks per pretrain-loss forward
+    seed: int = 1234  # ours: the same sampling noise for every policy
+    device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+
+    def validate(self) -> None:
+        if self.gold not in ("toy", "none"):
+            raise ConfigError(f"gold must be 'toy' or 'none', got {self.gold!r}")
+        if self.answers_per_prompt < 1:
+            raise ConfigError(f"answers_per_prompt must be >= 1, got {self.answers_per_prompt}")
+
+    def check_inputs(self) -> None:
+        """The runs and files evaluation reads exist (before any model loads)."""
+        if not self.sft_dir or not self.rm_dir:
+            raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
+        require_model_source(self.model.path, "model.path")
+        require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
+        if self.data.pretrain:
+            require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
+        adapter_dir(self.sft_dir, "policy")
+        adapter_dir(self.rm_dir, "reward")
+        for name, run in self.all_policies().items():
+            if name != "sft":
+                adapter_dir(run, "policy")
+
+    def all_policies(self) -> dict[str, str]:
+        runs = {"sft": self.sft_dir}
+        if self.policy_dir:
+            runs["policy"] = self.policy_dir
+        runs.update(self.policies)
+        return runs

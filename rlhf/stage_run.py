@@ -1,0 +1,265 @@
+"""The life of one stage run, shared by SFT, RM and PPO: `StageRun`.
+
+A stage file keeps its recipe (data, model, loss, loop); everything a run's directory needs around it
+lives here, once:
+
+    with StageRun(cfg, "sft", "SFT training", ["micro_batch_size", "data.max_length"]) as run:
+        if run.finished:                      # a finished run of this config: nothing to do
+            return run.out
+        model.add_role("policy", adapter_dir=run.resume_path("policy", fresh=None), trainable=True)
+        start = run.begin(model, ["policy"], optimizer, scheduler, running_loss=running)
+        for step in range(start, total):
+            loss = run.halver.run(forward_backward, optimizer)  # from zeroed gradients; OOM: halve, retry
+            grad_norm = run.optimizer_step(params, loss, step, batch_id)  # clip, guarded step, schedule
+            run.metrics.log(...)
+            run.step_done(step + 1, total)    # checkpoints every `checkpoint_every` and at the end
+        return run.finish(**summary)          # role dirs, the plot, DONE
+
+Entering: the config is validated and its input paths checked (before any model loads); the run dir
+is created and locked (`.lock`, a second writer fails at once with the holder's pid); its owner is
+checked; the checkpoint to resume from is found; `config.yaml` is saved; the device is resolved and
+the seeds set. The owner rule: a run dir belongs to one stage and one config.
+
+    empty, or --overwrite         a fresh run (--overwrite first says what it removes)
+    another stage's run           refused
+    another config                refused (fields a resume may change, such as optim.lr, excepted)
+    the same config, DONE         `run.finished`: the stage returns the run dir without training
+    the same config, unfinished   resumed from its newest checkpoint (resume="auto", the default);
+                                  with resume="never" refused, naming --resume auto and --overwrite
+
+Leaving: a NonFiniteError (the guard's stop) first checkpoints the last good state (bad steps are
+skipped or undone, so the weights are good); an out-of-memory becomes the error naming the settings
+to lower; Ctrl-C says what a rerun will do; the lock is released.
+
+What a checkpoint holds is declared once, in `begin`: the trainable roles, the optimiser and
+scheduler, the guard, every random stream, and the stage's own counters (`**pieces`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlhf.checkpoint import (config_changes, load_trainer_state, resolve_resume, rng_state, save_checkpoint,
+                             save_trainer_state, set_rng_state)
+from rlhf.config import read_yaml, save_config, validate
+from rlhf.errors import ConfigError, RLHFError
+from rlhf.metrics import MetricsLogger
+from rlhf.stage_dirs import (CONFIG, DONE, RunDirLock, mark_done, read_owner, remove_run, run_contents,
+                             write_owner)
+from rlhf.training import MicroBatchHalver, NonFiniteError, NonFiniteGuard, is_oom, oom_error, resolve_device, set_seed
+
+log = logging.getLogger("rlhf.stage_run")
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage; its message says what exists and what a rerun does (printed by the CLI)."""
+
+
+class Piece:
+    """A part of the trainer state: how to read it for a checkpoint and how to put it back."""
+
+    def __init__(self, save: Callable[[], Any], load: Callable[[Any], None]):
+        self.save, self.load = save, load
+
+    @staticmethod
+    def of(thing: Any) -> "Piece":
+        """A Piece for an object with state_dict/load_state_dict, a torch.Generator or a tensor counter."""
+        if isinstance(thing, Piece):
+            return thing
+        if isinstance(thing, torch.Generator):
+            return Piece(thing.get_state, thing.set_state)
+        if isinstance(thing, torch.Tensor):  # a running sum: saved as numbers, loaded in place
+            return Piece(thing.tolist, lambda value: thing.copy_(torch.tensor(value)))
+        return Piece(thing.state_dict, thing.load_state_dict)
+
+
+class StageRun:
+    """See the module docstring. `stage` names the stage in OWNER and metrics ("sft", "rm", "ppo");
+    `where` and `memory_settings` name it and the settings that lower its memory in an OOM error."""
+
+    def __init__(self, cfg: Any, stage: str, where: str, memory_settings: list[str]):
+        self.cfg, self.stage, self.where, self.memory_settings = cfg, stage, where, memory_settings
+        self.out = Path(cfg.out_dir)
+        self.finished = False
+        self.resume_from: Path | None = None
+        self.step = 0  # optimiser steps (PPO: iterations) done so far
+        self.checkpoint_step: int | None = None  # the newest checkpoint written or resumed from
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)
+        self.halver = MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, where, memory_settings)
+        self.metrics: MetricsLogger | None = None
+        self._lock = RunDirLock(self.out)
+        self._resume = "" if cfg.resume in ("never", "", None) else cfg.resume  # "" for resolve_resume: never
+        self._began = False
+
+    # ------------------------------------------------------------------ entering
+    def __enter__(self) -> "StageRun":
+        validate(self.cfg)
+        self.cfg.check_inputs()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def _open(self) -> None:
+        fresh = self._claim()
+        if self.finished:
+            return
+        if self._resume and not (fresh and self._resume == "auto"):
+            self.resume_from = resolve_resume(self.out, self._resume, self.cfg)
+        if self.resume_from is not None:
+            self.checkpoint_step = _step_of(self.resume_from)
+        write_owner(self.out, self.stage)
+        save_config(self.cfg, self.out / CONFIG)  # after resolve_resume, which may read the old one
+        self.device = resolve_device(self.cfg.device)
+        set_seed(self.cfg.seed)
+
+    def _claim(self) -> bool:
+        """Apply the owner rule (module docstring). -> True when the run dir holds no run (any more)."""
+        contents = run_contents(self.out)
+        if not contents:
+            return True
+        if getattr(self.cfg, "overwrite", False):
+            remove_run(self.out, contents)
+            return True
+        where = f"run dir {self.out}"
+        fix = "choose another --out, or pass --overwrite to delete it and start over"
+        owner = read_owner(self.out)
+        if owner is not None and owner != self.stage:
+            raise ConfigError(f"{where} holds a {owner} run, not a {self.stage} one; {fix}")
+        try:
+            saved = read_yaml(self.out / CONFIG)
+        except (OSError, RLHFError, ValueError) as err:
+            raise ConfigError(f"{where} holds a run whose {CONFIG} cannot be read ({err}); {fix}") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{where} holds a run whose {CONFIG} is not a mapping; {fix}")
+        refused, _ = config_changes(saved, self.cfg)
+        if refused:
+            shown = "; ".join(refused[:4]) + (f"; and {len(refused) - 4} more" if len(refused) > 4 else "")
+            raise ConfigError(f"{where} holds a {owner or 'stage'} run with another config ({shown}); {fix}")
+        if (self.out / DONE).is_file():
+            log.info("%s: this %s run already finished (%s exists); nothing to do. Pass --overwrite to train "
+                     "it again", self.out, self.stage, DONE)
+            self.finished = True
+            return False
+        if not self._resume:
+            raise ConfigError(f"{where} holds an unfinished {self.stage} run of this config; pass --resume auto "
+                              "to continue it from its newest checkpoint, or --overwrite to start over")
+        return False
+
+    def resume_path(self, role: str, fresh: Path | None) -> Path | None:
+        """Where `role`'s adapter comes from: the checkpoint when resuming, else `fresh`."""
+        return self.resume_from / role if self.resume_from is not None else fresh
+
+    def begin(self, model: Any, roles: list[str], optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler, **pieces: Any) -> int:
+        """Declare what a checkpoint holds, restore it when resuming, open the metrics log. -> the first step.
+
+        `pieces`: the stage's own state by name (objects with state_dict/load_state_dict, a torch.Generator,
+        a tensor of running sums, or a `Piece`)."""
+        self.model, self.roles, self.optimizer, self.scheduler = model, roles, optimizer, scheduler
+        self.pieces = {"optimizer": Piece.of(optimizer), "scheduler": Piece.of(scheduler), "guard": Piece.of(self.guard),
+                       **{name: Piece.of(thing) for name, thing in pieces.items()}}
+        if self.resume_from is not None:
+            state = load_trainer_state(self.resume_from)
+            for name, piece in self.pieces.items():
+                piece.load(state[name])
+            self._apply_lr()
+            set_rng_state(state["rng"])
+            self.step = self.checkpoint_step = state["step"]
+            log.info("%s: resumed from %s at step %d", self.stage, self.resume_from, self.step)
+        self.metrics = MetricsLogger(self.out, self.stage, resume_step=self.step if self.resume_from else None)
+        self._began = True
+        return self.step
+
+    def _apply_lr(self) -> None:
+        """A resume may change optim.lr (the guard's advice): the optimiser and scheduler states loaded
+        from the checkpoint carry the old rate, so the schedule is re-based on the new one."""
+        lr = self.cfg.optim.lr
+        groups = self.optimizer.param_groups
+        if all(group.get("initial_lr") == lr for group in groups):
+            return  # unchanged: keep the loaded values bit for bit
+        self.scheduler.base_lrs = [lr] * len(groups)
+        for group, factor in zip(groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in groups]
+
+    # ------------------------------------------------------------------ during
+    def checkpoint(self, step: int) -> None:
+        """Save the roles and the trainer state as checkpoint `step`."""
+        def write(directory: Path) -> None:
+            for role in self.roles:
+                self.model.save_role(role, directory / role)
+            save_trainer_state(directory, {"step": step, **{name: piece.save() for name, piece in self.pieces.items()},
+                                           "rng": rng_state()})
+        save_checkpoint(self.out, step, write, keep_last=self.cfg.keep_last, config=self.cfg)
+        self.checkpoint_step = step
+
+    def optimizer_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor, step: int, batch_id: str,
+                       schedule: bool = True) -> torch.Tensor:
+        """Clip the gradient, step the optimiser through the guard (skipped or undone when non-finite), then
+        advance the schedule (`schedule=False`: the stage advances it itself, as PPO does once per
+        iteration). -> the gradient norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        self.guard.step(self.optimizer, loss, grad_norm, step, batch_id)
+        if schedule:
+            self.scheduler.step()
+        return grad_norm
+
+    def step_done(self, done: int, total: int) -> None:
+        """`done` steps are done: checkpoint every `checkpoint_every` steps and after the last one."""
+        self.step = done
+        if done % self.cfg.checkpoint_every == 0 or done == total:
+            self.checkpoint(done)
+
+    def finish(self, **summary: Any) -> Path:
+        """Close the metrics log (and plot it), save each role into `<out>/<role>`, write DONE. -> the run dir."""
+        self.metrics.close()
+        for role in self.roles:
+            self.model.save_role(role, self.out / role)
+        mark_done(self.out, **summary)
+        self.finished = True
+        return self.out
+
+    # ------------------------------------------------------------------ leaving
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc is None or self.finished:
+                return
+            if self.metrics is not None:
+                self.metrics.close(plot=False)
+            if isinstance(exc, NonFiniteError) and self._began:
+                self.checkpoint(self.step)  # bad steps were skipped or undone: the weights are the last good ones
+            elif isinstance(exc, RuntimeError) and is_oom(exc):
+                raise oom_error(self.where, self.memory_settings,
+                                can_halve=not self.cfg.auto_halve_micro_batch) from exc
+            elif isinstance(exc, KeyboardInterrupt) and not isinstance(exc, StageInterrupted):
+                raise StageInterrupted(self.interrupted_message()) from exc
+        finally:
+            self._lock.release()
+
+    def interrupted_message(self) -> str:
+        """What Ctrl-C leaves, and what rerunning the same command will do."""
+        at = f"interrupted at step {self.step}" if self._began else "interrupted before training started"
+        if self.checkpoint_step is None:
+            return (f"{at}; no checkpoint yet (checkpoint_every={self.cfg.checkpoint_every}): rerunning starts "
+                    "over")
+        rerun = "rerun the same command" if self._resume else "rerun with --resume auto"
+        return f"{at}; the newest checkpoint is step {self.checkpoint_step}: {rerun} to continue from it"
+
+
+
+def _step_of(checkpoint: Path) -> int | None:
+    """The step of a `step-XXXXXXXX` checkpoint dir (None for a dir named otherwise)."""
+    try:
+        return int(checkpoint.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
