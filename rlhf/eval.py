@@ -232,7 +232,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     records = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
     split = split_for(cfg.data.path, cfg.data.split)
     held_out = split.select(records, cfg.data.part)
-    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length)
+    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length,
+                                  use_chat_template=cfg.data.use_chat_template)
     if not prompts:
         raise ConfigError(f"no {cfg.data.part} prompts to evaluate in {cfg.data.path} (the split leaves none)")
     chunks = []

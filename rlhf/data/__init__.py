@@ -16,6 +16,7 @@ from rlhf.data.split import PARTS, SPLIT_FILE, UserSplit, split_by_user, split_f
 from rlhf.data.tokenize import (
     DEFAULT_MIN_PROMPT_TOKENS,
     TruncationReport,
+    resolve_chat_template,
     tokenize_pretrain,
     tokenize_prompts,
     tokenize_rankings,
@@ -35,6 +36,7 @@ __all__ = [
     "load_records",
     "pad_left",
     "pad_right",
+    "resolve_chat_template",
     "shift_labels",
     "split_by_user",
     "split_for",

@@ -116,7 +116,8 @@ def train(cfg: PPOConfig) -> Path:
         train_prompts = split_for(cfg.data.path, cfg.data.split).select(prompts, "train")
         model = build_roles(cfg, run.device, run.resume_from)
         prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
-                                       cfg.data.max_prompt_length, cfg.seed, run.device)
+                                       cfg.data.max_prompt_length, cfg.seed, run.device,
+                                       cfg.data.use_chat_template)
         ptx_batches = None
         if cfg.ptx_coef > 0:
             texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
