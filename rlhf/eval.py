@@ -28,7 +28,7 @@ import torch
 
 from rlhf import distributed
 from rlhf.config import save_config, validate
-from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_for, tokenize_pretrain, tokenize_prompts
+from rlhf.data import load_parts, pad_left, pad_right, shift_labels, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
 from rlhf.eval_plot import plot_gold_vs_kl
@@ -242,16 +242,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     model.add_role("reference", adapter_dir=adapter_dir(cfg.sft_dir, "policy"))
     model.add_role("reward", adapter_dir=adapter_dir(cfg.rm_dir, "reward"), head="reward")
 
-    records = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
-    split = split_for(cfg.data.path, cfg.data.split)
-    held_out = split.select(records, cfg.data.part)
-    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length)
+    (held_out,) = load_parts(cfg.data.path, "prompts", (cfg.data.part,), cfg.data.split, cfg.data.skip_invalid)
+    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length,
+                                  use_chat_template=cfg.data.use_chat_template)
     if not prompts:
         raise ConfigError(f"no {cfg.data.part} prompts to evaluate in {cfg.data.path} (the split leaves none)")
     chunks = []
     if cfg.data.pretrain:
-        texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
-        held_texts = split_for(cfg.data.pretrain, cfg.data.split).select(texts, cfg.data.part)
+        (held_texts,) = load_parts(cfg.data.pretrain, "pretrain", (cfg.data.part,), cfg.data.split,
+                                   cfg.data.skip_invalid)
         chunks, _ = tokenize_pretrain(held_texts, model.tokenizer, cfg.data.max_pretrain_length)
         chunks = [c for c in chunks if len(c["input_ids"]) > 1][:cfg.data.max_pretrain_chunks]
     judge, details = _gold_judge(cfg.gold), _gold_details(cfg.gold)

@@ -33,7 +33,8 @@ log = logging.getLogger("rlhf.labelling")
 def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_path: str | os.PathLike,
                     out_path: str | os.PathLike, score: Callable[[str, str], float], k: int = 4,
                     max_new_tokens: int = 16, temperature: float = 1.0, max_prompt_length: int = 48,
-                    batch_size: int = 64, seed: int = 0, device: torch.device | None = None) -> dict[str, int]:
+                    batch_size: int = 64, seed: int = 0, device: torch.device | None = None,
+                    use_chat_template: bool | str = "auto") -> dict[str, int]:
     """Write `{"prompt", "responses": [best..worst], "user_id"}` records to `out_path` (atomically).
     Several processes: each samples and ranks its contiguous share of the prompts (its own random stream);
     rank 0 writes the file in the prompts' order."""
@@ -44,7 +45,7 @@ def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_
     model = RoleModel(model_cfg, device=device)
     model.add_role("policy", adapter_dir=adapter_dir(sft_dir, "policy"))
     tokenizer = model.tokenizer
-    examples, _ = tokenize_prompts(records, tokenizer, max_prompt_length)
+    examples, _ = tokenize_prompts(records, tokenizer, max_prompt_length, use_chat_template=use_chat_template)
     examples = distributed.eval_share(examples)
     torch.manual_seed(distributed.rank_seed(seed))
     rankings, skipped, tied_answers, tied_pairs = [], 0, 0, 0

@@ -81,7 +81,8 @@ def run(cfg: PipelineConfig) -> dict:
     if not is_done(sft_dir):
         train_sft(dataclasses.replace(
             cfg.sft, model=_model(cfg, cfg.sft.model, model_path), out_dir=str(sft_dir), resume="auto",
-            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data), split=str(split))))
+            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data), split=str(split),
+                                                    use_chat_template=cfg.use_chat_template)))
 
     rm_data = rankings
     if cfg.rm_labels == "sampled":
@@ -91,13 +92,15 @@ def run(cfg: PipelineConfig) -> dict:
 
             sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, gold_score, k=cfg.rm_k,
                             max_new_tokens=cfg.ppo.rollout.max_new_tokens, seed=cfg.rm.seed,
-                            max_prompt_length=cfg.ppo.data.max_prompt_length, device=device)
+                            max_prompt_length=cfg.ppo.data.max_prompt_length, device=device,
+                            use_chat_template=cfg.use_chat_template)
     rm_dir = out / "rm"
     if not is_done(rm_dir):
         train_rm(dataclasses.replace(
             cfg.rm, model=_model(cfg, cfg.rm.model, model_path), out_dir=str(rm_dir), sft_dir=str(sft_dir),
             resume="auto", device=device,
-            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data), split=str(split))))
+            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data), split=str(split),
+                                     use_chat_template=cfg.use_chat_template)))
 
     for variant in cfg.ppo_variants:
         run_dir = out / variant
@@ -107,11 +110,13 @@ def run(cfg: PipelineConfig) -> dict:
         train_ppo(dataclasses.replace(
             cfg.ppo, model=_model(cfg, cfg.ppo.model, model_path), out_dir=str(run_dir), sft_dir=str(sft_dir),
             rm_dir=str(rm_dir), ptx_coef=ptx_coef, resume="auto", device=device,
-            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain), split=str(split))))
+            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain), split=str(split),
+                                     use_chat_template=cfg.use_chat_template)))
 
     return evaluate(dataclasses.replace(
         cfg.eval, model=_model(cfg, cfg.eval.model, model_path), out_dir=str(out), sft_dir=str(sft_dir),
         rm_dir=str(rm_dir), policies={v: str(out / v) for v in cfg.ppo_variants},
         gold="toy" if cfg.uses_toy() else cfg.eval.gold, device=device,
         max_new_tokens=cfg.ppo.rollout.max_new_tokens,
-        data=dataclasses.replace(cfg.eval.data, path=str(prompts), pretrain=str(pretrain), split=str(split))))
+        data=dataclasses.replace(cfg.eval.data, path=str(prompts), pretrain=str(pretrain), split=str(split),
+                                 use_chat_template=cfg.use_chat_template)))

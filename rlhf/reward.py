@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf import distributed
-from rlhf.data import collate_rankings, load_records, pad_right, split_for, tokenize_rankings, tokenize_sft
+from rlhf.data import collate_rankings, load_parts, load_records, pad_right, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
 from rlhf.metrics import postfix
@@ -145,9 +145,8 @@ def train(cfg: RMConfig) -> Path:
         if run.finished:
             return run.out
         device = run.device
-        records = load_records(cfg.data.path, "rankings", skip_invalid=cfg.data.skip_invalid)
-        split = split_for(cfg.data.path, cfg.data.split)  # one user split for every stage (issue 15.1)
-        train_records, val_records = split.select(records, "train"), split.select(records, "tune")
+        train_records, val_records = load_parts(cfg.data.path, "rankings", ("train", "tune"), cfg.data.split,
+                                                cfg.data.skip_invalid)  # the one user split (see sft.py)
         model = RoleModel(cfg.model, device=device)
         tokenizer = model.tokenizer
         kw = dict(use_chat_template=cfg.data.use_chat_template)

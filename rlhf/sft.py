@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlhf import distributed
-from rlhf.data import load_records, pad_right, shift_labels, split_for, tokenize_sft
+from rlhf.data import load_parts, pad_right, shift_labels, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
 from rlhf.metrics import postfix
@@ -65,9 +65,9 @@ def train(cfg: SFTConfig) -> Path:
         if run.finished:
             return run.out
         device = run.device
-        records = load_records(cfg.data.path, "sft", skip_invalid=cfg.data.skip_invalid)
-        split = split_for(cfg.data.path, cfg.data.split)  # one user split for every stage (issue 15.1)
-        train_records, val_records = split.select(records, "train"), split.select(records, "tune")
+        # the one user split of every stage: train users to train, tune users for the validation curve
+        train_records, val_records = load_parts(cfg.data.path, "sft", ("train", "tune"), cfg.data.split,
+                                                cfg.data.skip_invalid)
         model = RoleModel(cfg.model, device=device)
         tokenizer = model.tokenizer
         train_examples, _ = tokenize_sft(train_records, tokenizer, cfg.data.max_length,

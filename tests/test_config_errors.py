@@ -180,9 +180,9 @@ def test_ptx_coef_without_a_pretraining_set(capsys, sft_run):
 def test_missing_paths(capsys, tmp_path, world):
     nope = tmp_path / "nope"
     assert f"config file '{nope}.yaml' does not exist" in cli_error(capsys, ["sft", "--config", f"{nope}.yaml"])
-    assert f"model.path (--model): model directory '{nope}' does not exist" in cli_error(
+    assert f"model.path (--model): model '{nope}' does not exist" in cli_error(
         capsys, ["sft", "--model", str(nope), "--data", str(world.sft)])
-    assert "model.path: a model directory is required (--model DIR)" in cli_error(
+    assert "model.path: a model is required (--model DIR, FILE.gguf or a Hub id)" in cli_error(
         capsys, ["sft", "--data", str(world.sft)])
     assert f"data.path (--data): demonstrations file '{nope}.jsonl' does not exist" in cli_error(
         capsys, ["sft", "--model", str(world.model), "--data", f"{nope}.jsonl"])
@@ -233,3 +233,10 @@ def test_pipeline_data_dir_fills_the_files_it_holds(capsys, tmp_path):
     assert cfg.data.rankings == ""  # not in the directory
     assert f"data.dir (--data): data directory '{tmp_path / 'nope'}' does not exist" in cli_error(
         capsys, ["pipeline", "--model", "/m", "--data", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("command", ["toy", "pipeline"])
+def test_toy_world_errors_name_the_flag_the_command_takes(capsys, command):
+    # `rlhf toy` and `rlhf pipeline` both nest the world's config under `toy`, so the error's field is the flag
+    err = cli_error(capsys, [command, "--toy.warmup_steps", "5000", "--toy.pretrain_steps", "800"])
+    assert "toy.warmup_steps=5000: must be in [0, toy.pretrain_steps=800" in err

@@ -12,10 +12,12 @@ This package knows nothing of the stages; it imports only `rlhf.errors`.
 
 from rlhf.data.collate import IGNORE_INDEX, collate_rankings, pad_left, pad_right, shift_labels
 from rlhf.data.records import KINDS, RecordList, load_records
-from rlhf.data.split import PARTS, SPLIT_FILE, UserSplit, split_by_user, split_for
+from rlhf.data.parts import load_parts
+from rlhf.data.split import PARTS, SPLIT_FILE, UserSplit, split_for
 from rlhf.data.tokenize import (
     DEFAULT_MIN_PROMPT_TOKENS,
     TruncationReport,
+    resolve_chat_template,
     tokenize_pretrain,
     tokenize_prompts,
     tokenize_rankings,
@@ -32,11 +34,12 @@ __all__ = [
     "TruncationReport",
     "UserSplit",
     "collate_rankings",
+    "load_parts",
     "load_records",
     "pad_left",
     "pad_right",
+    "resolve_chat_template",
     "shift_labels",
-    "split_by_user",
     "split_for",
     "tokenize_pretrain",
     "tokenize_prompts",

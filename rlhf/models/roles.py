@@ -56,7 +56,7 @@ class _Role:
 class RoleModel:
     """The shared base plus its roles. See the module docstring; names follow docs/ARCHITECTURE.md.
 
-    Attributes: `config` (ModelConfig), `device`, `tokenizer` (pad distinct from EOS), `roles`,
+    Attributes: `config` (ModelConfig), `device`, `tokenizer` (its own pad, maybe the EOS), `roles`,
     `logit_transform` (the fused kernels' kwargs for this family's logits).
     Every method takes the role explicitly (`None` = the bare base, adapters disabled); the adapter
     it activates stays active until another is asked for. Forward passes run in train mode when
@@ -149,8 +149,8 @@ class RoleModel:
     def save_role(self, role: str, out_dir: str | Path) -> Path:
         """Write the role as a plain peft adapter dir (`PeftModel.from_pretrained(base, out_dir)`
         loads it on the unmodified, unquantized base without a warning) plus `head.safetensors` when
-        the role has a head. Embedding rows added for a pad token are not saved: they are rebuilt
-        identically at load (see base._fit_embeddings_to_tokenizer)."""
+        the role has a head. The base's embeddings are never resized (see base.load_tokenizer), so
+        the adapter loads on the model exactly as shipped."""
         found = self._role(role)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import require_path
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path
 from rlhf.errors import ConfigError
 from rlhf.models.config import ModelConfig
 from rlhf.stage_dirs import adapter_dir
@@ -20,6 +20,8 @@ class PPOData:
     # "" = the split.json beside data.path (the toy world and `rlhf pipeline` write one), else hashed users
     max_prompt_length: int = 48  # ours: toy prompts are < 20 tokens; longer prompts keep their end
     max_pretrain_length: int = 64  # ours: toy pretraining texts are short
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail loudly on bad records unless asked to skip and count
 
     def validate(self) -> None:
@@ -133,7 +135,7 @@ class PPOConfig:
             raise ConfigError("rm_dir: PPO needs a reward model (--rm RUN_DIR)")
         if self.ptx_coef > 0 and not self.data.pretrain:
             raise ConfigError(f"ptx_coef={self.ptx_coef} needs data.pretrain (--pretrain pretrain.jsonl)")
-        require_path(self.model.path, "model.path", "model directory", "--model DIR")
+        require_model_source(self.model.path, "model.path")
         require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
         if self.data.pretrain:
             require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
