@@ -2,7 +2,7 @@
 
 For each policy (the SFT adapter first, then each PPO run's policy):
 - rm_score: mean RM score of its sampled answers (the proxy it was optimised for);
-- gold_score: mean score by the gold labeller (the toy world's judge), when one exists;
+- gold_score: mean score by a named gold judge (`--gold toy|instructions`, rlhf.judges), when one exists;
 - win_rate_vs_sft: fraction of (prompt, sample) pairs where the gold labeller prefers its answer to
   SFT's answer drawn with the same seed (ties 1/2);
 - kl_to_sft: mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on its own samples (k1, nats);
@@ -25,6 +25,7 @@ from rlhf.config import save_config, validate
 from rlhf.data import load_records, pad_left, pad_right, shift_labels, split_by_user, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
+from rlhf.judges import gold_judge
 from rlhf.models import RoleModel
 from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
 from rlhf.progress import progress
@@ -36,10 +37,8 @@ log = logging.getLogger("rlhf.eval")
 
 
 def _gold_judge(kind: str):
-    if kind == "toy":
-        from rlhf.toy import gold_score
-        return gold_score
-    return None
+    """The named gold judge's `gold_score` (rlhf.judges), or None for "none"."""
+    return None if kind == "none" else gold_judge(kind).gold_score
 
 
 @torch.no_grad()
