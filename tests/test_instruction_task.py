@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from rlhf.config import load_config, validate
+from conftest import build_byte_level_model
+from rlhf.config import load_config
 from rlhf.data import load_records, split_by_user
 from rlhf.errors import ConfigError, DataError
 from rlhf.judges import GOLD_JUDGES, gold_judge
@@ -172,29 +173,6 @@ def test_pipeline_takes_its_judge_from_the_task_dir(task_dir, tmp_path):
 
 
 # --- the pipeline on the task, end to end, with a tiny random model ------------------------------------
-def build_byte_level_model(out_dir):
-    """A random 2-layer Llama over a byte-level tokenizer (any text encodes, as with real BPE tokenizers)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<bos>", "<eos>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
 TINY_PIPELINE = {
     "quantization": "none", "device": "cpu", "rm_k": 3,
     "sft.epochs": 1, "sft.batch_size": 16, "sft.micro_batch_size": 16, "sft.eval_every": 1000,
