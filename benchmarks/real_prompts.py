@@ -41,13 +41,13 @@ def fixed_length_rows(prompts_ids: list[list[int]], length: int, n: int) -> list
     """`n` rows of exactly `length` ids, row i ending where prompt i (cycling) ends (see the module doc)."""
     if not prompts_ids:
         raise ConfigError("no prompts to benchmark with")
-    stream, ends = [], []
-    while len(ends) < n or len(stream) < length:
+    stream, ends = [], []  # ends: where each prompt ends in the stream, once a full row fits before it
+    while len(ends) < n:
         for ids in prompts_ids:
             stream.extend(ids)
-            ends.append(len(stream))
-    usable = [end for end in ends if end >= length]
-    return [stream[end - length:end] for end in usable[:n]]
+            if len(stream) >= length:
+                ends.append(len(stream))
+    return [stream[end - length:end] for end in ends[:n]]
 
 
 def write_prompt_rows(model_dir: Path, prompts_path: str | None, length: int, n: int, out: Path,
