@@ -203,3 +203,13 @@ def test_pipeline_runs_the_task_end_to_end(task_dir, tmp_path):
         assert math.isfinite(row["pretrain_loss"])
     assert 0.0 <= result["policies"]["ppo"]["win_rate_vs_sft"] <= 1.0
     assert (out / "eval_config.yaml").read_text().count("gold: instructions") == 1
+
+
+def test_example_config_runs_the_task_with_its_judge(task_dir, tmp_path):
+    """examples/instructions.yaml (the README's command) loads over a task dir and labels with its judge."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "instructions.yaml"
+    cfg = load_config(PipelineConfig, str(example), {"model_path": str(tmp_path), "data.dir": str(task_dir)})
+    assert cfg.gold_judge() == "instructions" and cfg.rm_labels == "sampled" and cfg.quantization == "none"
+    assert cfg.sft.epochs == 1 and cfg.ppo.iterations == 12 and cfg.data.prompts == str(task_dir / "prompts.jsonl")

@@ -64,7 +64,7 @@ class InstructionTaskConfig:
     seed: int = 0  # ours: the same seed writes byte-identical files
     n_users: int = 40  # ours: a 10-20% user-id split still holds several users
     n_sft: int = 256  # ours: sized with examples/instructions.yaml for a 30-minute CPU pipeline
-    n_rm_prompts: int = 256  # ours: RM prompts (K answers each, sampled or program-written)
+    n_rm_prompts: int = 96  # ours: RM prompts; the pipeline samples K = 4 answers for each (the CPU-costly part)
     n_rl_prompts: int = 512  # ours: RL prompts; the held-out users' ones are evaluated
     n_pretrain_texts: int = 1000  # ours: plain statements for PPO-ptx and the pretraining loss
     demo_sloppy_rate: float = 0.25  # ours: like human demonstrations, some are right but chatty
