@@ -26,6 +26,7 @@ class Command:
     entry: str
     summary: str
     aliases: tuple[tuple[str, str], ...]  # short flag -> dotted config field
+    positional: str | None = None  # dotted field a leading bare argument fills (`rlhf import-gguf FILE`)
 
 
 _BASICS = (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"))
@@ -53,6 +54,10 @@ COMMANDS = {
                     "score saved policies: RM score, gold score, win rate, KL to SFT, pretrain loss",
                     (("model", "model.path"), ("data", "data.path"), ("out", "out_dir"), ("sft", "sft_dir"),
                      ("rm", "rm_dir"), ("policy", "policy_dir"), ("pretrain", "data.pretrain"))),
+    "import-gguf": Command("rlhf.models.gguf_import", "ImportGGUFConfig", "rlhf.models.gguf_import",
+                           "import_gguf_from_config",
+                           "convert a .gguf model into a Hugging Face directory (FILE.gguf --out DIR)",
+                           (("out", "out_dir"),), positional="gguf"),
 }
 
 
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     # progress lines: the `rlhf` logger prints them as it does for Python API users (rlhf/__init__.py)
     try:
         config_cls = getattr(importlib.import_module(cmd.config_module), cmd.config)
+        if cmd.positional and rest and not rest[0].startswith("-"):
+            rest = [f"--{cmd.positional}", *rest]
         config_path, overrides, want_help = parse_overrides(rest, dict(cmd.aliases))
         if want_help:
             _write(_command_help(name, cmd, config_cls))

@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar, Union
 
 import yaml
 
@@ -23,6 +23,10 @@ from rlhf.errors import ConfigError
 from rlhf.field_docs import field_docs
 
 C = TypeVar("C")
+
+# `data.use_chat_template` of every stage: "auto" renders prompts with the tokenizer's chat template when
+# it has one, true requires one, false writes texts as they are (rlhf.data.tokenize says how)
+ChatTemplateSetting = Union[Literal["auto"], bool]
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -234,6 +238,26 @@ def require_path(value: str, field: str, kind: str = "path", flag: str = "") -> 
         where = f"{field} ({flag.split()[0]})" if flag else field
         raise ConfigError(f"{where}: {kind} '{value}' does not exist")
     return path
+
+
+# "org/name" (or a legacy single name like "gpt2"): what the Hugging Face Hub accepts as a repo id
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """Whether a model path that is not on disk may be a Hub id, resolved by `from_pretrained` (its cache,
+    HF_HUB_OFFLINE and all). Paths spelled as paths (./x, /x, a/b/c, x.gguf) never are."""
+    return bool(_HUB_ID.fullmatch(value)) and ".." not in value and not value.endswith(".gguf")
+
+
+def require_model_source(value: str, field: str, flag: str = "--model") -> None:
+    """A model given as a local directory, a .gguf file or a Hugging Face Hub id, checked before any work."""
+    if not value:
+        raise ConfigError(f"{field}: a model is required ({flag} DIR, FILE.gguf or a Hub id)")
+    if Path(value).exists() or looks_like_hub_id(value):
+        return
+    raise ConfigError(f"{field} ({flag}): model '{value}' does not exist (expected a local Hugging Face directory, "
+                      "a .gguf file or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
 
 
 class FieldHelp(typing.NamedTuple):

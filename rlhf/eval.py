@@ -27,11 +27,10 @@ from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
 from rlhf.judges import gold_judge
 from rlhf.models import RoleModel
-from rlhf.ppo.rollout import answer_hidden, answer_labels, sample
+from rlhf.ppo.rollout import answer_logprobs, sample
 from rlhf.progress import progress
 from rlhf.stage_dirs import adapter_dir
 from rlhf.training import resolve_device, set_seed
-from rlhf_kernels import fused_linear_token_logprobs
 
 log = logging.getLogger("rlhf.eval")
 
@@ -53,13 +52,7 @@ def _answers_and_scores(model: RoleModel, role: str, prompts: list[dict], cfg: E
         padded = pad_left([p["input_ids"] for p in rows], tokenizer.pad_token_id)
         rollout = sample(model, padded["input_ids"].to(model.device), padded["attention_mask"].to(model.device),
                          cfg.max_new_tokens, cfg.temperature, 1.0, role=role)
-        labels = answer_labels(rollout).reshape(-1)
-        logp = {}
-        for name in (role, "reference"):
-            hidden = answer_hidden(model, name, rollout)  # [b, T, H]
-            logp[name] = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
-                                                     labels, bias=model.lm_head_bias,
-                                                     temperature=cfg.temperature).view_as(rollout.answer_mask)
+        logp = {name: answer_logprobs(model, name, rollout, cfg.temperature) for name in (role, "reference")}  # [b, T]
         kls.append(((logp[role] - logp["reference"]) * rollout.answer_mask).sum(dim=1))  # [b]
         rm_scores.append(model.reward_scores("reward", rollout.sequences, rollout.attention_mask).float())
         lengths.append(rollout.answer_mask.sum(dim=1).float())
@@ -95,6 +88,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<10}" + "".join(cells))
     lines.append(f"held-out prompts: {result['n_prompts']} (users not seen in training), "
                  f"{result.get('answers_per_prompt', 1)} sampled answers each")
+    rows = result["policies"].values()
+    if not any(row.get("gold_score") is not None for row in rows):
+        lines.append("gold_score, win_rate_vs_sft: - (they need a gold judge: --gold toy, the toy world's; "
+                     "your own data has none)")
+    if not any(row.get("pretrain_loss") is not None for row in rows):
+        lines.append("pretrain_loss: - (needs pretraining text: --pretrain pretrain.jsonl)")
     return "\n".join(lines)
 
 
@@ -113,7 +112,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     records = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
     _, held_out = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
-    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length)
+    prompts, _ = tokenize_prompts(held_out[:cfg.data.max_prompts], model.tokenizer, cfg.data.max_prompt_length,
+                                  use_chat_template=cfg.data.use_chat_template)
     if not prompts:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no held-out prompts to evaluate")
     samples = prompts * cfg.answers_per_prompt  # sample i of every policy shares its prompt and seed stream

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import require_path
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path
 from rlhf.errors import ConfigError
 from rlhf.judges import GOLD_JUDGES
 from rlhf.models.config import ModelConfig
@@ -22,6 +22,8 @@ class EvalData:
     max_prompt_length: int = 48  # as PPO's data.max_prompt_length: longer prompts keep their end
     max_pretrain_length: int = 64  # as PPO's data.max_pretrain_length: tokens per pretraining chunk
     max_pretrain_chunks: int = 256  # ours: held-out pretraining chunks scored per policy
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
     seed: int = 0  # must match the PPO run's data.seed (the same user-id split)
 
@@ -58,7 +60,7 @@ class EvalConfig:
         """The runs and files evaluation reads exist (before any model loads)."""
         if not self.sft_dir or not self.rm_dir:
             raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
-        require_path(self.model.path, "model.path", "model directory", "--model DIR")
+        require_model_source(self.model.path, "model.path")
         require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
         if self.data.pretrain:
             require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")

@@ -29,13 +29,14 @@ log = logging.getLogger("rlhf.labelling")
 def sample_rankings(model_cfg: ModelConfig, sft_dir: str | os.PathLike, prompts_path: str | os.PathLike,
                     out_path: str | os.PathLike, rank: Callable[[str, list[str]], list[int]], k: int = 4,
                     max_new_tokens: int = 16, temperature: float = 1.0, max_prompt_length: int = 48,
-                    batch_size: int = 64, seed: int = 0, device: torch.device | None = None) -> dict[str, int]:
+                    batch_size: int = 64, seed: int = 0, device: torch.device | None = None,
+                    use_chat_template: bool | str = "auto") -> dict[str, int]:
     """Write `{"prompt", "responses": [best..worst], "user_id"}` records to `out_path` (atomically)."""
     records = load_records(prompts_path, "prompts")
     model = RoleModel(model_cfg, device=device)
     model.add_role("policy", adapter_dir=adapter_dir(sft_dir, "policy"))
     tokenizer = model.tokenizer
-    examples, _ = tokenize_prompts(records, tokenizer, max_prompt_length)
+    examples, _ = tokenize_prompts(records, tokenizer, max_prompt_length, use_chat_template=use_chat_template)
     torch.manual_seed(seed)
     rankings, skipped = [], 0
     for start in progress(range(0, len(examples), batch_size), desc="label", unit="batch"):

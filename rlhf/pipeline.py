@@ -22,7 +22,7 @@ from rlhf.config import save_config, validate
 from rlhf.eval import evaluate
 from rlhf.judges import gold_judge
 from rlhf.models import ModelConfig
-from rlhf.pipeline_config import PipelineConfig, PipelineData  # noqa: F401  (re-exported: `from rlhf.pipeline import ...`)
+from rlhf.pipeline_config import PipelineConfig, PipelineData  # noqa: F401  (re-exported)
 from rlhf.ppo import train as train_ppo
 from rlhf.reward import train as train_rm
 from rlhf.sft import train as train_sft
@@ -56,7 +56,8 @@ def run(cfg: PipelineConfig) -> dict:
     if not is_done(sft_dir):
         train_sft(dataclasses.replace(
             cfg.sft, model=_model(cfg, cfg.sft.model, model_path), out_dir=str(sft_dir), resume="auto",
-            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data))))
+            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data),
+                                                    use_chat_template=cfg.use_chat_template)))
 
     rm_data = rankings
     if cfg.rm_labels == "sampled":
@@ -67,13 +68,15 @@ def run(cfg: PipelineConfig) -> dict:
             rank = gold_judge(cfg.gold_judge()).rank  # the gold judge labels, as InstructGPT's labellers did
             sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, rank, k=cfg.rm_k,
                             max_new_tokens=cfg.ppo.rollout.max_new_tokens, seed=cfg.rm.seed,
-                            max_prompt_length=cfg.ppo.data.max_prompt_length, device=device)
+                            max_prompt_length=cfg.ppo.data.max_prompt_length, device=device,
+                            use_chat_template=cfg.use_chat_template)
     rm_dir = out / "rm"
     if not is_done(rm_dir):
         train_rm(dataclasses.replace(
             cfg.rm, model=_model(cfg, cfg.rm.model, model_path), out_dir=str(rm_dir), sft_dir=str(sft_dir),
             resume="auto", device=device,
-            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data))))
+            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data),
+                                     use_chat_template=cfg.use_chat_template)))
 
     for variant in cfg.ppo_variants:
         run_dir = out / variant
@@ -83,7 +86,8 @@ def run(cfg: PipelineConfig) -> dict:
         train_ppo(dataclasses.replace(
             cfg.ppo, model=_model(cfg, cfg.ppo.model, model_path), out_dir=str(run_dir), sft_dir=str(sft_dir),
             rm_dir=str(rm_dir), ptx_coef=ptx_coef, resume="auto", device=device,
-            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain))))
+            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain),
+                                     use_chat_template=cfg.use_chat_template)))
 
     return evaluate(dataclasses.replace(
         cfg.eval, model=_model(cfg, cfg.eval.model, model_path), out_dir=str(out), sft_dir=str(sft_dir),
@@ -91,4 +95,5 @@ def run(cfg: PipelineConfig) -> dict:
         gold=cfg.gold_judge(), device=device,
         max_new_tokens=cfg.ppo.rollout.max_new_tokens,
         data=dataclasses.replace(cfg.eval.data, path=str(prompts), pretrain=str(pretrain),
-                                 val_fraction=cfg.ppo.data.val_fraction, seed=cfg.ppo.data.seed)))
+                                 val_fraction=cfg.ppo.data.val_fraction, seed=cfg.ppo.data.seed,
+                                 use_chat_template=cfg.use_chat_template)))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhf.config import require_path
+from rlhf.config import ChatTemplateSetting, require_path
 from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig
 from rlhf.judges import GOLD_JUDGES
@@ -45,8 +45,10 @@ TASK_MANIFEST = "task.json"  # in data.dir: {"gold": judge name, ...}, written b
 @dataclass
 class PipelineConfig:
     out_dir: str = "runs/pipeline"  # one run directory per stage under it (sft/, rm/, ppo/, ppo_ptx/), eval.json
-    model_path: str = ""  # a local HF model dir; "" = the toy world's pretrained base
+    model_path: str = ""  # a local HF model dir, a .gguf file or a Hub id; "" = the toy world's pretrained base
     quantization: Literal["nf4", "none"] = "nf4"  # design card: one shared 4-bit base under every role
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: one chat-template switch for every stage and the
+    # labelling (rlhf.data.tokenize): "auto" uses the tokenizer's template whenever it has one
     data: PipelineData = field(default_factory=PipelineData)
     toy: ToyConfig = field(default_factory=ToyConfig)
     rm_labels: Literal["sampled", "file"] = "sampled"  # InstructGPT: RM data are K SFT samples ranked by labellers ("file": data.rankings)

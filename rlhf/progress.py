@@ -10,7 +10,8 @@ and at the end:
 
     sft 120/912 (13%) train_loss=1.234 val_loss=1.456 | 2.31 step/s, elapsed 0:52, ETA 5:43
 
-When nothing has configured logging (a Python script run into a file), the lines go to stderr.
+When nothing has configured logging (a Python script run into a file), the `rlhf` logger's own handler
+(rlhf/__init__.py) prints the lines to stderr.
 """
 
 from __future__ import annotations
@@ -132,8 +133,5 @@ class LogProgress:
 
     def _line(self, now: float) -> None:
         line = self.format_line(now)
-        if log.hasHandlers():  # configured (the CLI, or the user): their format, level and destination
-            log.info("%s", line)
-        else:  # nobody configured logging: INFO would be dropped, so the line goes where tqdm's bar went
-            print(line, file=sys.stderr, flush=True)
+        log.info("%s", line)  # unconfigured logging still shows it: rlhf/__init__.py's stderr handler
         self.last_line_t, self.last_line_n = now, self.n

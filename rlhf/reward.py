@@ -160,7 +160,6 @@ def train(cfg: RMConfig) -> Path:
         bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="rm", unit="step")
         for step in bar:
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-            optimizer.zero_grad(set_to_none=True)
 
             def forward_backward(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
                 accumulation = math.ceil(len(rows) / micro)
@@ -177,10 +176,8 @@ def train(cfg: RMConfig) -> Path:
                 return loss_sum, acc_sum
 
             loss_sum, acc_sum = run.halver.run(forward_backward, optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            run.guard.step(optimizer, loss_sum, grad_norm, step,
-                           f"rankings {[train_examples[r]['source'] for r in rows[:4]]}...")
-            scheduler.step()
+            grad_norm = run.optimizer_step(params, loss_sum, step,
+                                           f"rankings {[train_examples[r]['source'] for r in rows[:4]]}...")
             running += torch.stack([loss_sum, acc_sum])
             done = step + 1
             row = {}

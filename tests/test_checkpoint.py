@@ -10,7 +10,7 @@ import torch
 
 from rlhf.checkpoint import (MARKER, latest_checkpoint, load_trainer_state, resolve_resume, rng_state,
                              save_checkpoint, save_trainer_state, set_rng_state)
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, RLHFError
 from rlhf.metrics import MetricsLogger, read_metrics
 
 
@@ -44,9 +44,10 @@ def test_a_failing_writer_publishes_nothing(tmp_path):
     def broken(directory):
         (directory / "half").write_text("x")
         raise OSError("disk full")
-    with pytest.raises(OSError):
+    with pytest.raises(RLHFError, match=r"checkpoint step 5 not saved: .*\.tmp-step-00000005: disk full"):
         save_checkpoint(tmp_path, 5, broken)
     assert latest_checkpoint(tmp_path) is None
+    assert not (tmp_path / "checkpoints" / ".tmp-step-00000005").exists()  # cleaned up at once
 
 
 def test_resolve_resume(tmp_path):

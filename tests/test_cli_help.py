@@ -76,3 +76,66 @@ def test_old_import_paths_still_work():
     assert (PipelineConfig, PipelineData) == (rlhf.pipeline_config.PipelineConfig, rlhf.pipeline_config.PipelineData)
     assert OptimConfig is rlhf.optim_config.OptimConfig
     assert ToyRunConfig is rlhf.toy.config.ToyRunConfig
+
+
+# --- what the help says --------------------------------------------------------------------------
+def help_lines(capsys, command: str) -> dict[str, list[str]]:
+    """{dotted field: [its flag line, its why lines...]} from `rlhf <command> --help`."""
+    from rlhf.cli import main
+
+    assert main([command, "--help"]) == 0
+    fields, current = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  --") and "(default: " in line:
+            current = line.split()[0][2:]
+            fields[current] = [line]
+        elif line.startswith("      ") and current:
+            fields[current].append(line.strip())
+        else:
+            current = None
+    return fields
+
+
+@pytest.mark.parametrize("command, field, default", [
+    # issue 18.5: the values SFTConfig / PPOConfig set, not OptimConfig's or ModelConfig's own
+    ("sft", "model.lora_dropout", "0.2"), ("sft", "optim.lr", "0.002"), ("sft", "optim.warmup_steps", "20"),
+    ("ppo", "optim.lr", "5.0e-05"), ("ppo", "optim.warmup_steps", "0"), ("ppo", "optim.min_lr_ratio", "1.0"),
+    ("ppo", "model.lora_dropout", "0.0"), ("rm", "optim.lr", "0.001"),
+    ("pipeline", "sft.optim.lr", "0.002"), ("pipeline", "ppo.optim.lr", "5.0e-05"),
+    ("eval", "seed", "1234"),
+])
+def test_help_prints_the_defaults_a_run_uses(capsys, command, field, default):
+    flag_line = help_lines(capsys, command)[field][0]
+    assert f"(default: {default}" in flag_line, flag_line
+
+
+def test_a_default_the_stage_changes_points_at_the_reason(capsys):
+    lines = help_lines(capsys, "ppo")
+    assert "(default: 5.0e-05, see optim.* above; OptimConfig: 0.001)" in lines["optim.lr"][0]
+    assert "(default: 0.95)" in lines["gae.lam"][0]  # unchanged: no note
+
+
+@pytest.mark.parametrize("command, field, choices", [
+    ("sft", "model.quantization", "{nf4,none}"), ("eval", "gold", "{toy,none}"),
+    ("ppo", "kl.estimator", "{k1,k2,k3}"), ("rm", "precision", "{auto,bf16,fp16,fp32}"),
+    ("pipeline", "rm_labels", "{sampled,file}"), ("pipeline", "ppo_variants", "list[{ppo,ppo_ptx}]"),
+    ("ppo", "rollout.no_eos_score", "float|null"),
+])
+def test_help_shows_the_allowed_values(capsys, command, field, choices):
+    assert help_lines(capsys, command)[field][0].startswith(f"  --{field} {choices}  (default: ")
+
+
+def test_help_gives_each_field_the_comment_from_its_source(capsys):
+    lines = help_lines(capsys, "ppo")
+    assert lines["kl.coef"][1:] == ["InstructGPT appendix C.4: KL reward coefficient beta = 0.02"]
+    # a comment continued on the next line, joined
+    assert " ".join(lines["rollout.no_eos_score"][1:]) == (
+        "ours (TRL's missing_eos_penalty idea): a fixed low score for answers that never stop; None keeps the "
+        "RM score")
+    assert lines["model.path"][1].startswith("A local Hugging Face causal-LM directory")  # a docstring
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_field_says_why(capsys, command):
+    missing = [field for field, lines in help_lines(capsys, command).items() if len(lines) < 2]
+    assert not missing, f"fields without a comment in their dataclass: {missing}"

@@ -180,9 +180,9 @@ def test_ptx_coef_without_a_pretraining_set(capsys, sft_run):
 def test_missing_paths(capsys, tmp_path, world):
     nope = tmp_path / "nope"
     assert f"config file '{nope}.yaml' does not exist" in cli_error(capsys, ["sft", "--config", f"{nope}.yaml"])
-    assert f"model.path (--model): model directory '{nope}' does not exist" in cli_error(
+    assert f"model.path (--model): model '{nope}' does not exist" in cli_error(
         capsys, ["sft", "--model", str(nope), "--data", str(world.sft)])
-    assert "model.path: a model directory is required (--model DIR)" in cli_error(
+    assert "model.path: a model is required (--model DIR, FILE.gguf or a Hub id)" in cli_error(
         capsys, ["sft", "--data", str(world.sft)])
     assert f"data.path (--data): demonstrations file '{nope}.jsonl' does not exist" in cli_error(
         capsys, ["sft", "--model", str(world.model), "--data", f"{nope}.jsonl"])

@@ -323,14 +323,14 @@ def sft_record(prompt: str, completion: str, source: str = "sft.jsonl:1") -> dic
 
 
 def test_sft_answer_mask_by_hand(make_data_tokenizer):
-    tokenizer = make_data_tokenizer(add_bos=True)
+    tokenizer = make_data_tokenizer(add_bos=True, chat_template=False)
     examples, report = tokenize_sft([sft_record("what is two plus two", "four")], tokenizer, max_length=32)
     # <bos> what is two plus two | four <eos>: one BOS (the tokenizer's, added once), loss on "four <eos>"
     assert examples[0]["input_ids"] == token_ids(tokenizer, "<bos> what is two plus two four <eos>")
     assert examples[0]["answer_mask"] == [False] * 6 + [True] * 2
     assert (report.truncated_prompts, report.dropped_too_long, report.num_kept) == (0, 0, 1)
 
-    no_bos = make_data_tokenizer(add_bos=False)
+    no_bos = make_data_tokenizer(add_bos=False, chat_template=False)
     examples, _ = tokenize_sft([sft_record("what is two plus two", "four")], no_bos, max_length=32)
     assert examples[0]["input_ids"] == token_ids(no_bos, "what is two plus two four <eos>")
     assert examples[0]["answer_mask"] == [False] * 5 + [True] * 2
@@ -364,7 +364,7 @@ def test_chat_records_need_a_usable_template(make_data_tokenizer):
 
 
 def test_sft_truncates_the_prompt_from_the_left_and_drops_what_cannot_fit(make_data_tokenizer, caplog):
-    tokenizer = make_data_tokenizer(add_bos=True)
+    tokenizer = make_data_tokenizer(add_bos=True, chat_template=False)
     records = [
         sft_record("one two three four five six", "seven", "sft.jsonl:1"),  # 1 + 6 + 2 = 9 tokens
         sft_record("one two", "three four five six seven eight", "sft.jsonl:2"),  # 1 + 2 + 7 = 10
@@ -389,7 +389,7 @@ def test_sft_truncates_the_prompt_from_the_left_and_drops_what_cannot_fit(make_d
 
 
 def test_sft_truncation_never_cuts_the_answer_end(make_data_tokenizer):
-    tokenizer = make_data_tokenizer(add_bos=True)
+    tokenizer = make_data_tokenizer(add_bos=True, chat_template=False)
     words = "one two three four five six seven eight nine ten".split()
     rng = random.Random(0)
     for _ in range(100):
@@ -413,7 +413,7 @@ def test_sft_truncation_never_cuts_the_answer_end(make_data_tokenizer):
 
 
 def test_rankings_share_one_prompt_cut_for_the_longest_answer(make_data_tokenizer):
-    tokenizer = make_data_tokenizer(add_bos=True)
+    tokenizer = make_data_tokenizer(add_bos=True, chat_template=False)
     record = {"prompt": "one two three four", "responses": ["yes", "no good bad"], "user_id": None, "source": "r:1"}
     examples, report = tokenize_rankings([record], tokenizer, max_length=7, min_prompt_tokens=1)
     # longest answer "no good bad <eos>" is 4 tokens: room for 7 - 1 - 4 = 2 prompt tokens, for both answers
@@ -432,7 +432,7 @@ def test_prompts_are_cut_from_the_left_keeping_bos(make_data_tokenizer):
     tokenizer = make_data_tokenizer(add_bos=True)
     records = [{"prompt": "one two three four five", "user_id": "u", "source": "p:1"},
                {"prompt": "hello", "user_id": None, "source": "p:2"}]
-    examples, report = tokenize_prompts(records, tokenizer, max_prompt_length=4)
+    examples, report = tokenize_prompts(records, tokenizer, max_prompt_length=4, use_chat_template=False)
     assert [e["input_ids"] for e in examples] == [token_ids(tokenizer, "<bos> three four five"),
                                                   token_ids(tokenizer, "<bos> hello")]
     assert examples[0]["prompt"] == "one two three four five" and examples[0]["user_id"] == "u"

@@ -125,39 +125,32 @@ def test_role_errors(tiny_model_dir, tmp_path):
 # ---- tokenizer ---------------------------------------------------------------------------------
 
 
-def test_tokenizer_without_pad_gets_a_distinct_one_and_the_embeddings_grow(tiny_model_dir):
-    model_dir = tiny_model_dir("gpt2", with_pad=False)
+@pytest.mark.parametrize("arch,vocab_slack", [("gpt2", 0), ("qwen2", 8)])
+def test_tokenizer_without_pad_pads_with_eos_and_the_base_keeps_its_shape(tiny_model_dir, arch, vocab_slack):
+    # no token is added and nothing is resized: an added pad row would enter the LM head's softmax
+    model_dir = tiny_model_dir(arch, with_pad=False, vocab_slack=vocab_slack)
     tokenizer = load_tokenizer(model_dir)
-    assert tokenizer.pad_token == "<pad>"
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    config_rows = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     model = make_model(model_dir, roles=("policy",))
-    # the vocab grew by one and tied GPT-2 embeddings grew with it: the pad id is a valid row
-    assert model.lm_head_weight.shape[0] == len(tokenizer)
-    assert model._causal_lm.get_input_embeddings().weight.data_ptr() == model.lm_head_weight.data_ptr()
+    assert len(model.tokenizer) == len(tokenizer) and model.lm_head_weight.shape[0] == config_rows
+    if arch == "gpt2":  # tied embeddings stay tied
+        assert model._causal_lm.get_input_embeddings().weight.data_ptr() == model.lm_head_weight.data_ptr()
     input_ids, attention_mask = batch()
     input_ids[:, :2] = tokenizer.pad_token_id
     attention_mask[:, :2] = False
     assert torch.isfinite(model.hidden_states("policy", input_ids, attention_mask)).all()
 
 
-def test_pad_equal_to_eos_is_replaced(tiny_model_dir, tmp_path):
-    # many base models ship pad == EOS; masks built from `ids != pad` would then drop every real EOS
+def test_pad_equal_to_eos_is_kept(tiny_model_dir, tmp_path):
+    # SmolLM2 and Qwen2-instruct ship pad == EOS; masks come from lengths, never from `ids != pad`
     source_dir = tiny_model_dir("llama")
     tokenizer = load_tokenizer(source_dir)
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((source_dir / "config.json").read_text())
     reloaded = load_tokenizer(tmp_path)
-    assert reloaded.pad_token == "<pad>" and reloaded.pad_token_id != reloaded.eos_token_id
-
-
-def test_pad_fits_in_spare_embedding_rows_without_resize(tiny_model_dir):
-    # Qwen2 and Llama 3 ship more embedding rows than tokens; the added pad takes a spare row
-    model_dir = tiny_model_dir("qwen2", with_pad=False, vocab_slack=8)
-    config_rows = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    model = make_model(model_dir, roles=("policy",))
-    assert model.tokenizer.pad_token_id < config_rows
-    assert model.lm_head_weight.shape[0] == config_rows
+    assert reloaded.pad_token_id == reloaded.eos_token_id and len(reloaded) == len(tokenizer)
 
 
 # ---- the shared base ---------------------------------------------------------------------------

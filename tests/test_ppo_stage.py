@@ -15,6 +15,7 @@ clipped losses, is proved in tests/kernels/):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from rlhf.ppo.kl_controller import KLController
 from rlhf.ppo.loop import build_roles, build_trainer, explained_variance, ppo_iteration
 from rlhf.ppo.rewards import last_token_index, score_penalties, shape_rewards
 from rlhf.ppo.rollout import answer_mask_from, sample, score
-from rlhf.ppo.update import UpdateSettings, _mini_batch_backward, ptx_nll_sum
+from rlhf.ppo.update import mini_batch_backward, ptx_nll_sum
 from rlhf.toy import ToyConfig, gold_score, rank, write_toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,13 +299,13 @@ def test_a_mini_batch_gives_one_gradient_however_it_is_split_into_micro_batches(
     rollout.returns = rollout.values + 0.1 * torch.randn(rollout.values.shape, generator=generator)
     texts = load_records(quick_toy_world.pretrain, "pretrain")[:40]
     ptx = PretrainBatches(texts, model.tokenizer, 6, 20, 0, CPU).next()  # 6 rows, 20 tokens: another length
-    settings = UpdateSettings(ppo_epochs=1, mini_batch_size=8, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1,
-                              ptx_coef=2.0, temperature=1.0, max_grad_norm=1.0, precision="fp32")
+    settings = dataclasses.replace(cfg, ptx_coef=2.0, precision="fp32")  # clip 0.2, value clip 0.2, vf_coef 0.1
     params = model.parameters("policy") + model.parameters("value")
     optimizer = torch.optim.SGD(params, lr=0.0)  # only its zero_grad is used
     runs = {}
     for micro in (8, 4, 2):  # 1, 2 and 4 micro-batches; the 6 ptx rows go 6 / 3+3 / 1+2+1+2
-        loss, stats = _mini_batch_backward(model, rollout, torch.arange(8), optimizer, settings, micro, ptx)
+        optimizer.zero_grad(set_to_none=True)
+        loss, stats = mini_batch_backward(model, rollout, torch.arange(8), settings, micro, ptx)
         runs[micro] = (loss, stats, [p.grad.clone() for p in params])
     with torch.no_grad():
         labels = ptx["labels"]

@@ -121,7 +121,8 @@ def test_without_logging_configured_the_lines_go_to_stderr_without_carriage_retu
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert "\r" not in proc.stderr
     # a fast loop: its first and last steps (the lines between are MIN_INTERVAL_S apart at least)
-    assert [line.split(" |")[0] for line in proc.stderr.splitlines()] == [
+    # "HH:MM:SS INFO rlhf.progress: <line>", from the rlhf logger's handler for unconfigured logging
+    assert [line.split("rlhf.progress: ", 1)[1].split(" |")[0] for line in proc.stderr.splitlines()] == [
         "toy pretrain 1/5 (20%) loss=1.000", "toy pretrain 5/5 (100%) loss=0.200"]
     assert all("ETA" in line for line in proc.stderr.splitlines())
 

@@ -16,6 +16,7 @@ from rlhf.data.split import split_by_user
 from rlhf.data.tokenize import (
     DEFAULT_MIN_PROMPT_TOKENS,
     TruncationReport,
+    resolve_chat_template,
     tokenize_pretrain,
     tokenize_prompts,
     tokenize_rankings,
@@ -32,6 +33,7 @@ __all__ = [
     "load_records",
     "pad_left",
     "pad_right",
+    "resolve_chat_template",
     "shift_labels",
     "split_by_user",
     "tokenize_pretrain",

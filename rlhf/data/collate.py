@@ -103,4 +103,4 @@ def _check_batch(input_ids: Sequence[Sequence[int]], pad_id: int | None) -> None
     if not input_ids:
         raise ValueError("cannot pad an empty batch")
     if pad_id is None:
-        raise ValueError("pad_id is None: the tokenizer needs a pad token (distinct from EOS)")
+        raise ValueError("pad_id is None: give the tokenizer a pad token (its EOS will do: masks come from lengths)")

@@ -326,6 +326,7 @@ def _ranking(row: dict) -> dict:
             raise _InvalidRecord("wrong type", f"expected a string, got {_json_type(response)}", field)
         if not response.strip():
             raise _InvalidRecord("empty text", "is empty; every ranked answer needs text", field)
+        _check_encodable(response, field)
         if response in first_index_of:
             raise _InvalidRecord(
                 "duplicate responses",
@@ -355,7 +356,21 @@ def _text(row: dict, name: str, kind: str, parent: str | None = None) -> str:
         raise _InvalidRecord("wrong type", f"expected a string, got {_json_type(value)}", field)
     if not value.strip():
         raise _InvalidRecord("empty text", "is empty (or only whitespace)", field)
+    _check_encodable(value, field)
     return value
+
+
+def _check_encodable(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # JSON's "\ud800" escape decodes to half a UTF-16 pair, which no tokenizer can encode
+        raise _InvalidRecord(
+            "not UTF-8",
+            f"holds a lone surrogate {value[error.start]!r} at character {error.start}, which is not text; "
+            "fix the escape (a \\ud8xx must be followed by a \\udcxx)",
+            field,
+        ) from None
 
 
 def _user_id(row: dict) -> str | None:

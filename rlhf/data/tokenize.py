@@ -2,11 +2,20 @@
 
 A training sequence is `head + prompt + answer`:
   head    the tokens the tokenizer puts before any text (a BOS for Llama-style tokenizers, nothing for
-          GPT-2 or Qwen2) or, for chat-rendered prompts, a leading BOS the template wrote; never truncated
-  prompt  the prompt's tokens (for records in "messages" form, or with `use_chat_template=True`, the
-          chat template's rendering of the prompt messages plus the generation prompt)
-  answer  the answer's tokens, then EOS (unless the rendered answer already ends with EOS), so the
-          model learns to stop; with a chat template the answer includes the template's end-of-turn text
+          GPT-2, Qwen2 or SmolLM2), exactly once: for chat-rendered prompts the template writes it (its
+          `{{ bos_token }}`), and a leading token is the head only when it is that same BOS; never truncated
+  prompt  the prompt's tokens (the chat template's rendering of the prompt messages plus the generation
+          prompt, when the chat template is used; see `use_chat_template` below)
+  answer  the answer's tokens ending with exactly one EOS, the token the sampler stops at, so the model
+          learns to stop where rollouts stop. With a chat template whose end-of-turn token is the EOS
+          (ChatML: Qwen-instruct, SmolLM2 end a turn with `<|im_end|>`), the answer ends at that token
+          and the template's text after it (the newline before the next turn) is not part of the
+          answer: `4.<|im_end|>`, never `4.<|im_end|>\n<|im_end|>`. Otherwise EOS is appended.
+
+`use_chat_template` is one switch for every stage (SFT, RM, labelling, PPO rollouts, evaluation), so
+the policy is trained and scored on the text it sees at rollout time: "auto" (the default) renders
+plain prompt/completion records through the tokenizer's chat template when it has one, True requires
+one, False writes the texts as they are. Records in "messages" form always use the template.
 
 Prompt and answer are tokenised separately and their ids concatenated, so the answer boundary is exact
 and matches generation (the policy continues the prompt's ids). With plain prompt/completion records
@@ -75,13 +84,13 @@ def tokenize_sft(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     min_prompt_tokens: int = DEFAULT_MIN_PROMPT_TOKENS,
-    use_chat_template: bool = False,
+    use_chat_template: bool | str = "auto",
 ) -> tuple[list[dict], TruncationReport]:
     """SFT records -> examples {"input_ids": list[int], "answer_mask": list[bool], "source": str}.
 
     `answer_mask` is True on the answer's tokens and its EOS (the tokens that carry the loss), False on
-    the head and the prompt. `use_chat_template` renders plain prompt/completion records as a user turn
-    and an assistant turn; records in "messages" form always go through the chat template.
+    the head and the prompt. `use_chat_template` (see the module docstring) renders plain prompt/completion
+    records as a user turn and an assistant turn; records in "messages" form always use the template.
     """
     _check_lengths(max_length, min_prompt_tokens)
     report = TruncationReport("sft", max_length, num_records=len(records))
@@ -108,7 +117,7 @@ def tokenize_rankings(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     min_prompt_tokens: int = DEFAULT_MIN_PROMPT_TOKENS,
-    use_chat_template: bool = False,
+    use_chat_template: bool | str = "auto",
 ) -> tuple[list[dict], TruncationReport]:
     """Rankings -> examples {"input_ids": K lists (best first), "answer_start": K ints, "source": str}.
 
@@ -141,7 +150,7 @@ def tokenize_prompts(
     records: list[dict],
     tokenizer: PreTrainedTokenizerBase,
     max_prompt_length: int,
-    use_chat_template: bool = False,
+    use_chat_template: bool | str = "auto",
 ) -> tuple[list[dict], TruncationReport]:
     """Prompts for generation -> {"input_ids": list[int], "prompt": str, "user_id", "source"}.
 
@@ -228,14 +237,29 @@ def _source(record: dict) -> str:
 class _Encoded(NamedTuple):
     head: list[int]  # kept whole by truncation: the tokenizer's BOS (or a BOS the chat template wrote)
     prompt_ids: list[int]
-    answers_ids: list[list[int]]  # one per answer, each ending with EOS
+    answers_ids: list[list[int]]  # one per answer, each ending with exactly one EOS
     prompt_text: str  # as tokenised (rendered by the chat template where one was used)
 
 
+def resolve_chat_template(setting: bool | str, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """`use_chat_template` ("auto" | True | False) -> whether plain records are rendered by the template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return has_template
+    if setting is True and not has_template:
+        raise DataError("data.use_chat_template=true but the tokenizer has no chat_template; set it to auto or "
+                        "false, or give the tokenizer a chat template")
+    if not isinstance(setting, bool):
+        raise ValueError(f"use_chat_template must be 'auto', true or false, got {setting!r}")
+    return setting
+
+
 def _encode(
-    records: list[dict], answers_of: list[list[str]], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool,
+    records: list[dict], answers_of: list[list[str]], tokenizer: PreTrainedTokenizerBase,
+    use_chat_template: bool | str,
 ) -> list[_Encoded]:
     """Each record's prompt and answers as ids, tokenised in two batched calls."""
+    use_chat_template = resolve_chat_template(use_chat_template, tokenizer)
     plain_head = _special_prefix(tokenizer)
     eos_id = _eos_id(tokenizer)
     prompt_texts, answer_texts, rendered = [], [], []
@@ -250,17 +274,31 @@ def _encode(
     encoded = []
     for prompt_text, prompt_ids, texts, is_rendered in zip(prompt_texts, prompts_ids, answer_texts, rendered):
         if is_rendered:
-            # The template wrote its own special tokens; a leading BOS is kept out of truncation's reach.
-            has_bos = tokenizer.bos_token_id is not None and prompt_ids[:1] == [tokenizer.bos_token_id]
-            head, prompt_ids = (prompt_ids[:1], prompt_ids[1:]) if has_bos else ([], prompt_ids)
+            # The template wrote its own special tokens (texts are encoded without the tokenizer's). Its
+            # leading BOS, if it is the one the tokenizer adds, is kept out of truncation's reach; a
+            # ChatML `<|im_start|>` that a tokenizer merely names as its BOS (SmolLM2) is prompt text.
+            has_head = bool(plain_head) and prompt_ids[:len(plain_head)] == plain_head
+            head, prompt_ids = (plain_head, prompt_ids[len(plain_head):]) if has_head else ([], prompt_ids)
         else:
             head = plain_head
-        answers_ids = []
-        for _ in texts:
-            answer_ids = next(flat_answers_ids)
-            answers_ids.append(answer_ids if answer_ids[-1:] == [eos_id] else answer_ids + [eos_id])
+        answers_ids = [_end_with_one_eos(next(flat_answers_ids), eos_id, tokenizer if is_rendered else None)
+                       for _ in texts]
         encoded.append(_Encoded(head, prompt_ids, answers_ids, prompt_text))
     return encoded
+
+
+def _end_with_one_eos(answer_ids: list[int], eos_id: int, template_tokenizer=None) -> list[int]:
+    """The answer ending with exactly one EOS, where the sampler would stop.
+
+    A rendered answer (`template_tokenizer` given) whose template ends the turn with the EOS, followed
+    only by whitespace (ChatML's "<|im_end|>\n"), ends at that EOS. Any other answer gets EOS appended
+    unless it already ends with one.
+    """
+    if template_tokenizer is not None and eos_id in answer_ids:
+        last_eos = len(answer_ids) - 1 - answer_ids[::-1].index(eos_id)
+        if not template_tokenizer.decode(answer_ids[last_eos + 1:]).strip():
+            return answer_ids[:last_eos + 1]
+    return answer_ids if answer_ids[-1:] == [eos_id] else answer_ids + [eos_id]
 
 
 def _texts(

@@ -1,12 +1,16 @@
-"""The shared base: load a local causal LM once (4-bit NF4 or unquantized), frozen, dropout off.
+"""The shared base: load a causal LM once (4-bit NF4 or unquantized), frozen, dropout off.
 
-Also what depends only on the base: its tokenizer (with a pad token distinct from EOS), the decoder
-body whose output is the LM head's input, and the LoRA settings that fit its architecture.
+The model comes from a local Hugging Face directory, a Hub id (resolved by `from_pretrained` itself,
+so its cache and HF_HUB_OFFLINE work as usual) or a `.gguf` file (converted once, see gguf_import.py).
+Also what depends only on the base: its tokenizer (its own pad token, which may be the EOS), the
+decoder body whose output is the LM head's input, and the LoRA settings that fit its architecture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -14,13 +18,14 @@ from peft import LoraConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
-from rlhf.errors import ModelError
+from rlhf.config import looks_like_hub_id
+from rlhf.errors import ConfigError, ModelError
 from rlhf.models.config import ModelConfig
+from rlhf.models.gguf_import import converted_gguf_dir
 
 log = logging.getLogger("rlhf.models")
-
-PAD_TOKEN = "<pad>"
 
 # LoRA targets for target_modules="auto": every attention and MLP projection (QLoRA: adapting all
 # linear layers is what matches full fine-tuning). Families not listed fall back to "all-linear".
@@ -38,26 +43,45 @@ LORA_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """The local model directory, or a ModelError saying what is missing (we never download)."""
+def resolve_model_source(path: str | Path) -> tuple[str, bool]:
+    """(what `from_pretrained` is given, whether it is local) for a model path, or a one-line ModelError.
+
+    A local directory needs config.json; a `.gguf` file becomes its converted directory; anything else
+    that reads as a Hub id ("org/name") goes to `from_pretrained` as is, which downloads it or (with
+    HF_HUB_OFFLINE=1) finds it in the HF cache.
+    """
     if not str(path):
-        raise ModelError("model.path is required: a local Hugging Face model directory (--model DIR)")
-    model_dir = Path(path)
-    if not model_dir.exists():
-        raise ModelError(
-            f"model path '{path}' does not exist (expected a local Hugging Face model directory with config.json)"
-        )
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(f"model path '{path}' has no config.json (expected a local Hugging Face model directory)")
-    return model_dir
+        raise ModelError("model.path is required: a local Hugging Face directory, a .gguf file or a Hub id (--model)")
+    model_path = Path(path)
+    if model_path.suffix == ".gguf":
+        return str(converted_gguf_dir(model_path)), True
+    if model_path.is_dir():
+        if not (model_path / "config.json").is_file():
+            raise ModelError(f"model path '{path}' has no config.json (expected a Hugging Face model directory)")
+        return str(model_path), True
+    if model_path.exists():
+        raise ModelError(f"model path '{path}' is a file; expected a Hugging Face model directory or a .gguf file")
+    if looks_like_hub_id(str(path)):
+        return str(path), False
+    raise ModelError(f"model path '{path}' does not exist (expected a local Hugging Face model directory with "
+                     "config.json, a .gguf file or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+
+
+def _not_loadable(path: str | Path, what: str, err: Exception) -> ModelError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelError(f"cannot load {what} from '{path}': {first_line}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
+    """None or "auto": cuda when available, else cpu. The one device resolver (models, stages, eval)."""
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: '{device}' requested but CUDA is not available; use device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # device_map needs an index
     return device
 
 
@@ -69,35 +93,34 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(path: str | Path):
-    """The base's tokenizer, with a pad token guaranteed distinct from EOS.
+    """The base's tokenizer with its own pad token, which may be the EOS (SmolLM2, Qwen2: `<|im_end|>`).
 
-    A pad equal to EOS makes every mask built from `ids != pad` drop the real EOS tokens, so the
-    RM would never see an answer's end and the policy never learns to stop. When the tokenizer has
-    no pad, or pad == EOS (GPT-2, many base models), we add a new special token `<pad>`. If that
-    grows the vocabulary past the model's embedding rows, `load_base_model` adds the rows (see there);
-    models that ship spare rows (Qwen2, Llama 3) need no resize. Only attention masks decide which
-    tokens count, so the pad row's values never reach a real token's output.
+    No token is ever added: a new `<pad>` row would grow the LM head's softmax by one entry and shift
+    every log-prob, and adapters trained over the grown base would not load on the model as shipped.
+    A tokenizer without a pad (GPT-2) pads with its EOS. Pad == EOS is safe because nothing reads
+    token identity to find padding: every mask comes from lengths (rlhf.data.collate) or from the
+    first sampled EOS (rlhf.ppo.rollout), so the EOS that ends an answer counts as a real token in
+    SFT labels, policy log-probs and the RM's last-token score.
     """
-    model_dir = check_model_dir(path)
+    source, local = resolve_model_source(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load a tokenizer from '{path}': {err}") from None
+        raise _not_loadable(path, "a tokenizer", err) from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer in '{path}' has no EOS token: answers could never end")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        if tokenizer.pad_token_id == tokenizer.eos_token_id:  # "<pad>" *was* the EOS token
-            raise ModelError(f"the tokenizer in '{path}' uses {PAD_TOKEN!r} as EOS; give it a distinct pad token")
-        log.info("tokenizer in %s had no distinct pad token: added %r (id %d)", path, PAD_TOKEN, tokenizer.pad_token_id)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer in %s has no pad token: padding with its EOS %r (masks never read token ids)",
+                 path, tokenizer.eos_token)
     return tokenizer
 
 
 def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTrainedModel:
-    """`from_pretrained` on the local dir, NF4 or unquantized, every parameter frozen, dropout off."""
-    model_dir = check_model_dir(cfg.path)
+    """`from_pretrained` on the model source, NF4 or unquantized, every parameter frozen, dropout off."""
+    source, local = resolve_model_source(cfg.path)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
-    kwargs = {"local_files_only": True, "dtype": compute_dtype}
+    kwargs = {"local_files_only": local, "dtype": compute_dtype}
     if cfg.quantization == "nf4":
         # QLoRA's recipe: NF4 storage, double quantization of the scales, matmuls in compute_dtype.
         # The embeddings and LM head stay unquantized (bitsandbytes skips the output layer).
@@ -109,15 +132,20 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTra
         )
         kwargs["device_map"] = {"": device}  # quantization happens as the weights land on the device
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load a causal LM from '{cfg.path}': {err}") from None
+        raise _not_loadable(cfg.path, "a causal LM", err) from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is more than tensors
+        raise ModelError(f"cannot load a causal LM from '{cfg.path}': its pytorch_model.bin holds more than "
+                         "plain weights (a pickle that could run code), so it was not loaded; use a "
+                         "model.safetensors copy of the model") from None
     if cfg.quantization == "none":
         model.to(device)
     else:
         _keep_one_cpu_nf4_path(model)
 
-    _fit_embeddings_to_tokenizer(model, tokenizer)
+    _check_vocabulary_fits(model, tokenizer, cfg.path)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     _turn_off_dropout(model)
@@ -125,32 +153,31 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device) -> PreTra
     return model
 
 
-def _fit_embeddings_to_tokenizer(model: PreTrainedModel, tokenizer) -> None:
-    """Add embedding rows for tokens the tokenizer has and the model lacks (an added `<pad>`).
-
-    New rows are the mean of the old ones (Hewitt 2021, "Initializing new word embeddings"), not
-    random: a reload must rebuild the same base, since saved adapters do not carry these rows, and
-    the mean keeps the new token's logit ordinary rather than dominant.
-    """
-    old_rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= old_rows:
-        return
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        for weight in {id(w): w for w in _vocab_matrices(model)}.values():  # one pass when tied
-            weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
-        bias = getattr(model.get_output_embeddings(), "bias", None)
-        if bias is not None:
-            bias[old_rows:] = bias[:old_rows].mean()
-    log.info("resized the embeddings from %d to %d rows for the tokenizer's added tokens", old_rows, len(tokenizer))
+def _check_vocabulary_fits(model: PreTrainedModel, tokenizer, path: str) -> None:
+    """The embeddings are used as shipped (never resized: see load_tokenizer); the special tokens we
+    feed the model (BOS, EOS, pad) must have rows, and a tokenizer larger than the embeddings is noted."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name)
+        if token_id is not None and token_id >= rows:
+            raise ModelError(f"'{path}': the tokenizer's {name[:-3]} id {token_id} has no embedding row "
+                             f"(the model has {rows}); the tokenizer does not match the model")
+    if len(tokenizer) > rows:
+        log.warning("'%s': the tokenizer has %d tokens but the model only %d embedding rows; ids past %d "
+                    "cannot be used", path, len(tokenizer), rows, rows - 1)
 
 
-def _vocab_matrices(model: PreTrainedModel) -> list[torch.Tensor]:
-    matrices = [model.get_input_embeddings().weight]
-    output = model.get_output_embeddings()
-    if output is not None:
-        matrices.append(output.weight)
-    return matrices
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Hide transformers' "Loading weights" bar for one load: a run loads the base once per stage (six
+    bars per demo, each a long carriage-return line in a log file); the stage's own progress says more."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _keep_one_cpu_nf4_path(model: nn.Module) -> None:

@@ -15,7 +15,8 @@ TARGET_MODULE_PRESETS = ("auto", "all-linear")
 @dataclass
 class ModelConfig:
     path: str = ""
-    """A local Hugging Face causal-LM directory (config.json, weights, tokenizer); never downloaded.
+    """A local Hugging Face causal-LM directory, a Hub id (plain `from_pretrained`: HF cache, HF_HUB_OFFLINE)
+    or a `.gguf` file (converted once beside it; rlhf/models/gguf_import.py).
     Required: the stages fill it from `--model`; the toy world writes one to `<out>/model`."""
 
     # design card + QLoRA (Dettmers et al. 2023): LoRA over one 4-bit NF4 base; "none" for CPU-speed runs
@@ -38,7 +39,7 @@ class ModelConfig:
         # an empty path is allowed here: the pipeline fills it in; each stage's check_inputs and
         # RoleModel refuse to load without one
         if not isinstance(self.path, str):
-            raise ConfigError(f"model.path must be a string (a local Hugging Face model directory), got {self.path!r}")
+            raise ConfigError(f"model.path must be a string (a model directory, .gguf file or Hub id), got {self.path!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"model.quantization must be 'nf4' or 'none', got {self.quantization!r}")
         if not _is_number(self.lora_r, int) or self.lora_r < 1:

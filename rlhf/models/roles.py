@@ -82,7 +82,7 @@ class _Role:
 class RoleModel:
     """The shared base plus its roles. See the module docstring; names follow docs/ARCHITECTURE.md.
 
-    Attributes: `config` (ModelConfig), `device`, `tokenizer` (pad distinct from EOS), `roles`.
+    Attributes: `config` (ModelConfig), `device`, `tokenizer` (its own pad, maybe the EOS), `roles`.
     Every method takes the role explicitly (`None` = the bare base, adapters disabled); the adapter
     it activates stays active until another is asked for. Forward passes run in train mode when
     autograd is recording (LoRA dropout and gradient checkpointing apply) and eval mode otherwise;
@@ -188,8 +188,8 @@ class RoleModel:
         loads it) plus `head.safetensors` when the role has a head.
 
         Written by hand rather than `PeftModel.save_pretrained`, which puts any adapter not named
-        "default" in a sub-directory. Embedding rows added for a pad token are not saved: they are
-        rebuilt identically at load (see base._fit_embeddings_to_tokenizer).
+        "default" in a sub-directory. The base's embeddings are never resized (see
+        base.load_tokenizer), so the adapter loads on the model exactly as shipped.
         """
         found = self._role(role)
         out_dir = Path(out_dir)

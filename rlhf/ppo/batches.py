@@ -17,8 +17,9 @@ class PromptBatches:
     """RL prompts, tokenised once, served as left-padded batches (for generation) by iteration."""
 
     def __init__(self, records: list[dict], tokenizer, batch_size: int, max_prompt_length: int, seed: int,
-                 device: torch.device):
-        self.examples, self.report = tokenize_prompts(records, tokenizer, max_prompt_length)
+                 device: torch.device, use_chat_template: bool | str = "auto"):
+        self.examples, self.report = tokenize_prompts(records, tokenizer, max_prompt_length,
+                                                      use_chat_template=use_chat_template)
         if not self.examples:
             raise DataError("no RL prompts left after tokenisation")
         self.batch_size, self.seed, self.device = batch_size, seed, device

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import require_path
+from rlhf.config import ChatTemplateSetting, require_model_source, require_path
 from rlhf.errors import ConfigError
 from rlhf.models.config import ModelConfig
 from rlhf.stage_dirs import adapter_dir
@@ -19,6 +19,8 @@ class PPOData:
     val_fraction: float = 0.1  # ours: held-out users for evaluation (split by user id)
     max_prompt_length: int = 48  # ours: toy prompts are < 20 tokens; longer prompts keep their end
     max_pretrain_length: int = 64  # ours: toy pretraining texts are short
+    use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
+    # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail loudly on bad records unless asked to skip and count
     seed: int = 0  # the user-id split's seed: eval must use the same one to keep training users out
 
@@ -52,7 +54,8 @@ class RolloutConfig:
 @dataclass
 class KLConfig:
     coef: float = 0.02  # InstructGPT appendix C.4: KL reward coefficient beta = 0.02
-    estimator: Literal["k1", "k2", "k3"] = "k1"  # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    # Schulman, "Approximating KL Divergence": k1 = logp - ref_logp, unbiased
     target: float | None = None  # Ziegler et al. 2019 adaptive controller; None = fixed beta (InstructGPT)
     horizon: int = 10000  # Ziegler et al. 2019: horizon of the adaptive controller, in samples
 
@@ -103,7 +106,6 @@ class PPOConfig:
     keep_last: int = 2  # ours: checkpoints kept on disk
     resume: str = "auto"  # "auto": continue this run from its newest checkpoint; a checkpoint path; "never"
     overwrite: bool = False  # delete a run already in out_dir (another config or stage, or finished) and start over
-    log_every: int = 1  # ours: iterations between logged metrics rows
     seed: int = 0  # python, numpy and torch seeds: sampling and the mini-batch order
     device: str = "auto"  # cuda when available, else cpu
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # bf16 autocast on CUDA (the GPU default); fp32 on CPU
@@ -133,7 +135,7 @@ class PPOConfig:
             raise ConfigError("rm_dir: PPO needs a reward model (--rm RUN_DIR)")
         if self.ptx_coef > 0 and not self.data.pretrain:
             raise ConfigError(f"ptx_coef={self.ptx_coef} needs data.pretrain (--pretrain pretrain.jsonl)")
-        require_path(self.model.path, "model.path", "model directory", "--model DIR")
+        require_model_source(self.model.path, "model.path")
         require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
         if self.data.pretrain:
             require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")

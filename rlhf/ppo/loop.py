@@ -24,7 +24,7 @@ from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.kl_controller import KLController
 from rlhf.ppo.rewards import score_penalties, shape_rewards
 from rlhf.ppo.rollout import Rollout, sample, score
-from rlhf.ppo.update import UpdateSettings, ppo_epochs
+from rlhf.ppo.update import Trainer, ppo_epochs
 from rlhf.stage_dirs import adapter_dir
 from rlhf.progress import progress
 from rlhf.stage_run import Piece, StageRun
@@ -43,20 +43,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 # what to lower when a PPO iteration runs out of memory (rollouts, scoring or the update)
 PPO_MEMORY_SETTINGS = ["micro_batch_size", "rollout.batch_size", "rollout.max_new_tokens", "data.max_prompt_length"]
-
-
-@dataclass
-class Trainer:
-    """What one PPO iteration updates besides the model."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    params: list[torch.nn.Parameter]
-    kl_ctl: KLController
-    guard: NonFiniteGuard
-    generator: torch.Generator  # mini-batch shuffles
-    ptx_batches: PretrainBatches | None
-    settings: UpdateSettings
-    halver: MicroBatchHalver  # the micro-batch size of scoring and the update (halved on OOM if asked)
 
 
 @dataclass
@@ -88,36 +74,35 @@ def ppo_iteration(cfg: PPOConfig, model: RoleModel, trainer: Trainer, prompts: t
     rollout.advantages = whiten(advantages, rollout.answer_mask)
     t_score = time.perf_counter()
     # 5. PPO epochs over reshuffled mini-batches: clipped policy loss + clipped value loss (+ ptx)
-    stats = ppo_epochs(model, rollout, trainer.optimizer, trainer.scheduler, trainer.params, trainer.settings,
-                       trainer.generator, trainer.ptx_batches.next if trainer.ptx_batches else None,
-                       trainer.guard, iteration, trainer.halver)
+    stats = ppo_epochs(cfg, model, rollout, trainer, iteration)
     timings = {"rollout_s": t_rollout - t0, "score_s": t_score - t_rollout,
                "update_s": time.perf_counter() - t_score}
     return IterationResult(rollout, scores, kl, stats, timings)
 
 
-def build_trainer(cfg: PPOConfig, model: RoleModel, ptx_batches: PretrainBatches | None, guard: NonFiniteGuard,
-                  halver: MicroBatchHalver) -> Trainer:
-    """One optimiser over the policy and value adapters (and the value head)."""
+def build_trainer(cfg: PPOConfig, model: RoleModel, ptx_batches: PretrainBatches | None,
+                  guard: NonFiniteGuard | None = None, halver: MicroBatchHalver | None = None) -> Trainer:
+    """One optimiser over the policy and value adapters (and the value head). `guard` and `halver`: the
+    stage run's (new ones when PPO iterations run outside a stage run, as in tests and benchmarks)."""
     params = model.parameters("policy") + model.parameters("value")
     optimizer = build_optimizer(params, cfg.optim)
-    settings = UpdateSettings(cfg.ppo_epochs, cfg.mini_batch_size, cfg.clip_eps,
-                              cfg.value_clip_eps, cfg.vf_coef, cfg.ptx_coef, cfg.rollout.temperature,
-                              cfg.optim.max_grad_norm, cfg.precision)
-    return Trainer(optimizer, cosine_schedule(optimizer, cfg.iterations, cfg.optim), params,
-                   KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon), guard,
-                   torch.Generator().manual_seed(cfg.seed), ptx_batches, settings, halver)
+    guard = guard or NonFiniteGuard(cfg.max_nonfinite_in_a_row)
+    halver = halver or MicroBatchHalver(cfg.micro_batch_size, cfg.auto_halve_micro_batch, "PPO iteration",
+                                        PPO_MEMORY_SETTINGS)
+    return Trainer(optimizer=optimizer, scheduler=cosine_schedule(optimizer, cfg.iterations, cfg.optim), params=params,
+                   kl_ctl=KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon), guard=guard,
+                   generator=torch.Generator().manual_seed(cfg.seed), ptx_batches=ptx_batches, halver=halver)
 
 
-def build_roles(cfg: PPOConfig, run: StageRun) -> RoleModel:
+def build_roles(cfg: PPOConfig, device: torch.device, resume_from: Path | None) -> RoleModel:
     """policy <- SFT (or the checkpoint), reference <- SFT (frozen), reward <- RM (frozen), value <- RM."""
-    model = RoleModel(cfg.model, device=run.device)
+    model = RoleModel(cfg.model, device=device)
     sft = adapter_dir(cfg.sft_dir, "policy")
     rm = adapter_dir(cfg.rm_dir, "reward")
     model.add_role("reference", adapter_dir=sft, trainable=False)
     model.add_role("reward", adapter_dir=rm, trainable=False, head="reward")
-    model.add_role("policy", adapter_dir=run.resume_path("policy", fresh=sft), trainable=True)
-    model.add_role("value", adapter_dir=run.resume_path("value", fresh=rm), trainable=True, head="value")
+    model.add_role("policy", adapter_dir=resume_from / "policy" if resume_from else sft, trainable=True)
+    model.add_role("value", adapter_dir=resume_from / "value" if resume_from else rm, trainable=True, head="value")
     return model
 
 
@@ -128,9 +113,10 @@ def train(cfg: PPOConfig) -> Path:
             return run.out
         prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
         train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
-        model = build_roles(cfg, run)
+        model = build_roles(cfg, run.device, run.resume_from)
         prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
-                                       cfg.data.max_prompt_length, cfg.seed, run.device)
+                                       cfg.data.max_prompt_length, cfg.seed, run.device,
+                                       cfg.data.use_chat_template)
         ptx_batches = None
         if cfg.ptx_coef > 0:
             texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.models import last_true_index
 from rlhf_kernels import kl_penalty, whiten
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last True per row of a right-padded [B, T] mask (0 for an empty row)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, T]
-    return torch.where(mask, positions, torch.zeros_like(positions)).amax(dim=1)  # [B]
+    """Index of the last True per row of a [B, T] mask, 0 for an empty row (an empty answer: its score
+    lands nowhere, `shape_rewards` masks it). `rlhf.models.last_true_index` does the arithmetic; it
+    refuses empty rows (an RM sequence with no real token is a bug), so an empty row is read as its
+    first token here."""
+    empty = ~mask.any(dim=1, keepdim=True)  # [B, 1]
+    first = torch.zeros_like(mask)
+    first[:, 0] = True  # [B, T]
+    return last_true_index(mask | (empty & first))  # [B]
 
 
 def score_penalties(rm_scores: torch.Tensor, ended_with_eos: torch.Tensor, no_eos_score: float | None,

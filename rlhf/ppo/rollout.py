@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from rlhf_kernels import fused_linear_token_logprobs
+
 
 @dataclass
 class Rollout:
@@ -67,45 +69,48 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     tokenizer = model.tokenizer
     sequences = model.sample(role, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p)  # [B, P + T']
     prompt_len = prompt_ids.shape[1]
-    answers = sequences[:, prompt_len:]  # [B, T]
-    if answers.shape[1] == 0:  # every row stopped at once is impossible (EOS is a token), but be safe
-        answers = torch.full((sequences.shape[0], 1), tokenizer.pad_token_id, device=sequences.device)
-        sequences = torch.cat([sequences, answers], dim=1)
+    answers = sequences[:, prompt_len:]  # [B, T], T >= 1: the sampler draws a first token for every row
     answer_mask, ended = answer_mask_from(answers, tokenizer.eos_token_id)
     attention_mask = torch.cat([prompt_mask.bool(), answer_mask], dim=1)  # [B, S]
     return Rollout(sequences=sequences, attention_mask=attention_mask, answer_mask=answer_mask,
                    ended_with_eos=ended, prompt_len=prompt_len)
 
 
-def answer_hidden(model, role: str, rollout: Rollout) -> torch.Tensor:
-    """Hidden states that predict each answer token: positions P-1 .. S-2. -> [B, T, H]"""
-    hidden = model.hidden_states(role, rollout.sequences, rollout.attention_mask)  # [B, S, H]
+def answer_slice(per_position: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """[B, S, ...] -> [B, T, ...]: positions P-1 .. S-2, the ones that predict (or value) each answer token."""
     P, T = rollout.prompt_len, rollout.answer_mask.shape[1]
-    return hidden[:, P - 1:P + T - 1]  # [B, T, H]
+    return per_position[:, P - 1:P + T - 1]
+
+
+def answer_hidden(model, role: str, rollout: Rollout) -> torch.Tensor:
+    """Hidden states that predict each answer token. -> [B, T, H]"""
+    return answer_slice(model.hidden_states(role, rollout.sequences, rollout.attention_mask), rollout)
 
 
 def answer_labels(rollout: Rollout, ignore_index: int = -100) -> torch.Tensor:
     return torch.where(rollout.answer_mask, rollout.answers, torch.full_like(rollout.answers, ignore_index))
 
 
+def answer_logprobs(model, role: str, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """log pi_role(answer token | everything before it) at `temperature`, 0 off the answer mask. -> [B, T] fp32"""
+    hidden = answer_hidden(model, role, rollout)  # [B, T, H]
+    logprobs = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
+                                           answer_labels(rollout).reshape(-1), bias=model.lm_head_bias,
+                                           temperature=temperature)  # [B*T]
+    return logprobs.view_as(rollout.answer_mask)
+
+
 @torch.no_grad()
 def score(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> Rollout:
     """Fill in log-probs (policy, reference), values and RM scores, micro-batch by micro-batch."""
-    from rlhf_kernels import fused_linear_token_logprobs
-
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "rm_scores": []}
     B = rollout.sequences.shape[0]
     for start in range(0, B, micro_batch_size):
         chunk = rollout.select(torch.arange(start, min(start + micro_batch_size, B)))
-        labels = answer_labels(chunk).reshape(-1)  # [b*T]
-        for name, role in (("logprobs", "policy"), ("ref_logprobs", "reference")):
-            hidden = answer_hidden(model, role, chunk)  # [b, T, H]
-            logp = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, labels,
-                                               bias=model.lm_head_bias, temperature=temperature)  # [b*T]
-            parts[name].append(logp.view_as(chunk.answer_mask))
+        parts["logprobs"].append(answer_logprobs(model, "policy", chunk, temperature))  # [b, T]
+        parts["ref_logprobs"].append(answer_logprobs(model, "reference", chunk, temperature))  # [b, T]
         values = model.values("value", chunk.sequences, chunk.attention_mask)  # [b, S]
-        P, T = chunk.prompt_len, chunk.answer_mask.shape[1]
-        parts["values"].append(values[:, P - 1:P + T - 1].float() * chunk.answer_mask)
+        parts["values"].append(answer_slice(values, chunk).float() * chunk.answer_mask)  # [b, T]
         parts["rm_scores"].append(model.reward_scores("reward", chunk.sequences, chunk.attention_mask).float())
     for name, tensors in parts.items():
         setattr(rollout, name, torch.cat(tensors))

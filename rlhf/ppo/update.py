@@ -22,25 +22,27 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.ppo.rollout import Rollout, answer_labels
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.kl_controller import KLController
+from rlhf.ppo.rollout import Rollout, answer_labels, answer_slice
 from rlhf.training import MicroBatchHalver, NonFiniteGuard, autocast
 from rlhf_kernels import fused_linear_ppo_loss, fused_linear_token_logprobs, ppo_value_loss
 
 
 @dataclass
-class UpdateSettings:
-    ppo_epochs: int
-    mini_batch_size: int
-    clip_eps: float
-    value_clip_eps: float
-    vf_coef: float
-    ptx_coef: float
-    temperature: float
-    max_grad_norm: float
-    precision: str
+class Trainer:
+    """What one PPO iteration updates besides the model."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]
+    kl_ctl: KLController
+    guard: NonFiniteGuard
+    generator: torch.Generator  # mini-batch shuffles
+    ptx_batches: object | None  # PretrainBatches (PPO-ptx), or None
+    halver: MicroBatchHalver  # the micro-batch size of scoring and the update (halved on OOM if asked)
 
 
-def micro_batch_losses(model, mb: Rollout, s: UpdateSettings, ptx: dict[str, torch.Tensor] | None = None
+def micro_batch_losses(model, mb: Rollout, cfg: PPOConfig, ptx: dict[str, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     """-> (pg_loss, v_loss, ptx_nll, stats) for one micro-batch. pg_loss and v_loss are token means over
     the answer mask; ptx_nll is the summed NLL of `ptx`'s labelled tokens (None without ptx rows), so
@@ -48,19 +50,18 @@ def micro_batch_losses(model, mb: Rollout, s: UpdateSettings, ptx: dict[str, tor
 
     One forward runs the rollout rows through the policy and the value roles and the pretraining rows
     through the policy (`RoleModel.hidden_states_of_parts`)."""
-    P, T = mb.prompt_len, mb.answer_mask.shape[1]
     parts = [("policy", mb.sequences, mb.attention_mask), ("value", mb.sequences, mb.attention_mask)]
     if ptx is not None:
         parts.append(("policy", ptx["input_ids"], ptx["attention_mask"]))
     hidden_states = model.hidden_states_of_parts(parts)
-    hidden = hidden_states[0][:, P - 1:P + T - 1]  # [b, T, H]: positions P-1 .. S-2 predict the answer
+    hidden = answer_slice(hidden_states[0], mb)  # [b, T, H]
     pg_loss, pg_stats = fused_linear_ppo_loss(
         hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, answer_labels(mb).reshape(-1),
         mb.logprobs.reshape(-1), mb.advantages.reshape(-1), mb.answer_mask.reshape(-1),
-        bias=model.lm_head_bias, clip_eps=s.clip_eps, temperature=s.temperature)
-    values = model.head("value")(hidden_states[1][:, P - 1:P + T - 1])  # [b, T]
+        bias=model.lm_head_bias, clip_eps=cfg.clip_eps, temperature=cfg.rollout.temperature)
+    values = model.head("value")(answer_slice(hidden_states[1], mb))  # [b, T]
     v_loss, v_stats = ppo_value_loss(values.float(), mb.values, mb.returns, mb.answer_mask,
-                                     clip_eps=s.value_clip_eps)
+                                     clip_eps=cfg.value_clip_eps)
     stats = {"clip_frac": pg_stats["clip_frac"], "approx_kl": pg_stats["approx_kl"],
              "entropy": pg_stats["entropy"], "value_clip_frac": v_stats["clip_frac"]}
     ptx_nll = ptx_nll_sum(model, hidden_states[2], ptx["labels"]) if ptx is not None else None
@@ -85,15 +86,14 @@ def _ptx_share(batch: dict[str, torch.Tensor] | None, index: int, parts: int) ->
     return {key: value[start:stop] for key, value in batch.items()} if stop > start else None
 
 
-def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer, s: UpdateSettings,
-                         micro: int, ptx: dict[str, torch.Tensor] | None
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Accumulate the gradient of one mini-batch over micro-batches of `micro` rows. -> (loss, stats)
+def mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, cfg: PPOConfig, micro: int,
+                        ptx: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Add the gradient of one mini-batch to the parameters' `.grad`, micro-batch by micro-batch of `micro`
+    rows. -> (loss, stats)
 
     The mini-batch's pretraining rows (`ptx`, PPO-ptx) are shared out over the micro-batches; their loss
     is the NLL summed per micro-batch and divided by the mini-batch's token count, so the total is
     exactly the mean over all of them whatever the split."""
-    optimizer.zero_grad(set_to_none=True)
     device = rollout.sequences.device
     accumulation = len(mini) // micro
     step_stats: dict[str, torch.Tensor] = {}
@@ -102,12 +102,12 @@ def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer,
     ptx_total = torch.zeros((), device=device)
     for index, micro_start in enumerate(range(0, len(mini), micro)):
         mb = rollout.select(mini[micro_start:micro_start + micro])
-        with autocast(device, s.precision):
-            pg_loss, v_loss, ptx_nll, stats = micro_batch_losses(model, mb, s, _ptx_share(ptx, index, accumulation))
-            loss = (pg_loss + s.vf_coef * v_loss) / accumulation
+        with autocast(device, cfg.precision):
+            pg_loss, v_loss, ptx_nll, stats = micro_batch_losses(model, mb, cfg, _ptx_share(ptx, index, accumulation))
+            loss = (pg_loss + cfg.vf_coef * v_loss) / accumulation
             if ptx_nll is not None:
                 ptx_part = ptx_nll / ptx_tokens
-                loss = loss + s.ptx_coef * ptx_part
+                loss = loss + cfg.ptx_coef * ptx_part
                 ptx_total += ptx_part.detach().float()
         loss.backward()
         loss_sum += loss.detach()
@@ -119,29 +119,30 @@ def _mini_batch_backward(model, rollout: Rollout, mini: torch.Tensor, optimizer,
     return loss_sum, step_stats
 
 
-def ppo_epochs(model, rollout: Rollout, optimizer, scheduler, params: list[torch.nn.Parameter],
-               s: UpdateSettings, generator: torch.Generator, next_ptx_batch, guard: NonFiniteGuard,
-               iteration: int, halver: MicroBatchHalver) -> dict[str, torch.Tensor]:
-    """Run `s.ppo_epochs` passes over `rollout`; returns the mean of each statistic (tensors, no sync).
-    Micro-batches have `halver.micro_batch_size` rows; an out-of-memory halves it (when enabled) and
-    redoes the mini-batch: the same rows, so the same update."""
+def ppo_epochs(cfg: PPOConfig, model, rollout: Rollout, trainer: Trainer, iteration: int) -> dict[str, torch.Tensor]:
+    """Run `cfg.ppo_epochs` passes over `rollout`; returns the mean of each statistic (tensors, no sync).
+    Micro-batches have `trainer.halver.micro_batch_size` rows; an out-of-memory halves it (when enabled)
+    and redoes the mini-batch: the same rows, so the same update."""
     B = rollout.sequences.shape[0]
     device = rollout.sequences.device
     totals: dict[str, torch.Tensor] = {}
     n_updates = 0
-    for epoch in range(s.ppo_epochs):
-        order = torch.randperm(B, generator=generator).to(device)  # a fresh shuffle every epoch
-        for start in range(0, B, s.mini_batch_size):
-            mini = order[start:start + s.mini_batch_size]
-            ptx = next_ptx_batch() if s.ptx_coef > 0 else None  # drawn once: a halved retry reuses the rows
-            loss_sum, step_stats = halver.run(
-                lambda micro: _mini_batch_backward(model, rollout, mini, optimizer, s, micro, ptx), optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            guard.step(optimizer, loss_sum, grad_norm, iteration, f"iteration {iteration} epoch {epoch} rows {mini.tolist()}")
-            optimizer.zero_grad(set_to_none=True)
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=trainer.generator).to(device)  # a fresh shuffle every epoch
+        for start in range(0, B, cfg.mini_batch_size):
+            mini = order[start:start + cfg.mini_batch_size]
+            ptx = trainer.ptx_batches.next() if cfg.ptx_coef > 0 else None  # drawn once: a retry reuses the rows
+            for attempt in trainer.halver.attempts(trainer.optimizer):  # after an OOM: again, at half the size
+                with attempt:
+                    loss_sum, step_stats = mini_batch_backward(model, rollout, mini, cfg, attempt.micro_batch_size,
+                                                               ptx)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, cfg.optim.max_grad_norm)
+            trainer.guard.step(trainer.optimizer, loss_sum, grad_norm, iteration,
+                               f"iteration {iteration} epoch {epoch} rows {mini.tolist()}")
+            trainer.optimizer.zero_grad(set_to_none=True)
             step_stats["grad_norm"] = grad_norm.detach().float()
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             n_updates += 1
-    scheduler.step()
+    trainer.scheduler.step()
     return {key: value / n_updates for key, value in totals.items()}
