@@ -459,7 +459,8 @@ def main(argv=None):
             settings.update(write_prompt_rows(model_dir, args.prompts, args.prompt_len, n_rows,
                                               workdir / "prompt_ids.json"))
         else:
-            model_dir = build_model_dir(SHAPES[args.shape], Path(args.model_dir) if args.model_dir else workdir / "model")
+            model_dir = Path(args.model_dir) if args.model_dir else workdir / "model"
+            model_dir = build_model_dir(SHAPES[args.shape], model_dir)
             settings = settings_from(args, model_dir, device)
         rounds: dict[str, list[dict]] = {provider: [] for provider in providers}
         for round_index in range(args.rounds):
@@ -519,7 +520,8 @@ def main(argv=None):
     model_record = ({"model": model_summary(Path(args.model))} if args.model
                     else {"shape": asdict(SHAPES[args.shape]), "params": SHAPES[args.shape].params()})
     write_json(out, {**env, "mode": "smoke" if args.smoke else "full",
-                     "settings": {k: v for k, v in settings.items() if k not in ("model_dir", "ptx_texts", "prompt_ids")},
+                     "settings": {k: v for k, v in settings.items()
+                                  if k not in ("model_dir", "ptx_texts", "prompt_ids")},
                      **model_record,
                      "labels": LABELS, "results": results})
     print(f"wrote {out}")

@@ -86,7 +86,8 @@ class PipelineConfig:
                               f"--data DIR holding {', '.join(f + '.jsonl' for f in DATA_FILES)} "
                               "(or none of them, to run the toy world)")
         if self.gold and self.gold not in GOLD_JUDGES:
-            raise ConfigError(f"gold must be one of {list(GOLD_JUDGES)} (or '' for the data's own), got {self.gold!r}")
+            raise ConfigError(f"gold must be one of {list(GOLD_JUDGES)} (or '' for the data's own), "
+                              f"got {self.gold!r}")
         if self.rm_labels == "sampled" and self.gold_judge() == "none":
             raise ConfigError("rm_labels='sampled' needs a gold judge to rank the samples: --gold NAME "
                               f"({', '.join(GOLD_JUDGES)}), or a --data DIR whose task.json names one; "

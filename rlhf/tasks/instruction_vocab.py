@@ -14,7 +14,8 @@ CATEGORIES: dict[str, frozenset[str]] = {
     "animals": frozenset(
         "dog cat horse cow pig sheep goat lion tiger bear wolf fox rabbit deer elephant giraffe zebra monkey "
         "mouse rat squirrel kangaroo koala panda camel donkey hippo rhino leopard cheetah otter beaver "
-        "whale dolphin shark owl eagle duck chicken frog snake turtle fish bird bee ant spider butterfly parrot penguin".split()),
+        "whale dolphin shark owl eagle duck chicken frog snake turtle fish bird bee ant spider butterfly parrot "
+        "penguin".split()),
     "colors": frozenset(
         "red orange yellow green blue purple violet pink brown black white gray grey indigo cyan magenta "
         "turquoise beige maroon navy teal gold silver".split()),

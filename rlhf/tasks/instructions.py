@@ -110,9 +110,11 @@ def make_request(kind: str, rng: random.Random, max_number: int = 99) -> str:
         return (f"Sort these numbers from smallest to largest: {numbers}. "
                 "Reply with the numbers only, separated by commas.")
     if kind == "list":
-        return f"List {rng.randint(3, 5)} {rng.choice(sorted(CATEGORIES))}, separated by commas. Reply with the list only."
+        category = rng.choice(sorted(CATEGORIES))
+        return f"List {rng.randint(3, 5)} {category}, separated by commas. Reply with the list only."
     if kind == "lowercase":
-        return f"Name {rng.randint(3, 5)} {rng.choice(sorted(CATEGORIES))} in lowercase letters only, separated by commas."
+        category = rng.choice(sorted(CATEGORIES))
+        return f"Name {rng.randint(3, 5)} {category} in lowercase letters only, separated by commas."
     if kind == "capital":
         return f"What is the capital of {rng.choice(sorted(CAPITALS))}? Answer with one word."
     return f"Write the word '{rng.choice(WORDS)}' in capital letters only."
@@ -247,5 +249,5 @@ def write_instruction_task(out_dir: str | os.PathLike, cfg: InstructionTaskConfi
 def write_from_config(cfg: InstructionTaskConfig) -> Path:
     """`rlhf instructions --out DIR`."""
     root = write_instruction_task(cfg.out_dir, cfg, overwrite=cfg.overwrite)
-    print(f"instruction task in {root}: " + ", ".join(RECORD_FILES.values()) + f", {MANIFEST} (gold judge: instructions)")
+    print(f"instruction task in {root}: {', '.join(RECORD_FILES.values())}, {MANIFEST} (gold judge: instructions)")
     return root
