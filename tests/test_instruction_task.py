@@ -212,4 +212,4 @@ def test_example_config_runs_the_task_with_its_judge(task_dir, tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "instructions.yaml"
     cfg = load_config(PipelineConfig, str(example), {"model_path": str(tmp_path), "data.dir": str(task_dir)})
     assert cfg.gold_judge() == "instructions" and cfg.rm_labels == "sampled" and cfg.quantization == "none"
-    assert cfg.sft.epochs == 1 and cfg.ppo.iterations == 12 and cfg.data.prompts == str(task_dir / "prompts.jsonl")
+    assert cfg.sft.epochs == 1 and cfg.ppo.iterations == 10 and cfg.data.prompts == str(task_dir / "prompts.jsonl")
