@@ -15,9 +15,11 @@ from rlhf.stage_dirs import adapter_dir
 
 @dataclass
 class EvalData:
-    path: str = ""  # prompts; the held-out users' prompts are evaluated (same split as PPO)
+    path: str = ""  # prompts; those of the `part` users are evaluated
     pretrain: str = ""  # {"text"} records; "" skips pretrain_loss
-    val_fraction: float = 0.1  # must match the PPO run's split so its training users stay out
+    split: str = ""  # split.json: the train / tune / test users every stage shares (evaluation reads `part`);
+    # "" = the split.json beside data.path (the toy world and `rlhf pipeline` write one), else hashed users
+    part: Literal["train", "tune", "test"] = "test"  # "test" for reported figures; "tune" while choosing settings
     max_prompts: int = 200  # ours: enough prompts for a win rate within a few points
     max_prompt_length: int = 48  # as PPO's data.max_prompt_length: longer prompts keep their end
     max_pretrain_length: int = 64  # as PPO's data.max_pretrain_length: tokens per pretraining chunk
@@ -25,11 +27,6 @@ class EvalData:
     use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
     # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
-    seed: int = 0  # must match the PPO run's data.seed (the same user-id split)
-
-    def validate(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -46,6 +43,11 @@ class EvalConfig:
     max_new_tokens: int = 16  # longest sampled answer; the pipeline passes PPO's rollout.max_new_tokens
     temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
     answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # best-of-n by the RM over SFT samples
+    # (Stiennon et al. 2020): max(best_of_n) SFT samples per prompt are drawn once, each n takes a prefix
+    temperatures: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # SFT sampled colder: the
+    # baseline that needs no RM at all
+    bootstrap_resamples: int = 2000  # ours: 95% intervals over prompts, seeded by `seed`
     batch_size: int = 64  # ours: prompts per sampling forward and chunks per pretrain-loss forward
     seed: int = 1234  # ours: the same sampling noise for every policy
     device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
@@ -55,6 +57,12 @@ class EvalConfig:
             raise ConfigError(f"gold must be one of {[*GOLD_JUDGES, 'none']}, got {self.gold!r}")
         if self.answers_per_prompt < 1:
             raise ConfigError(f"answers_per_prompt must be >= 1, got {self.answers_per_prompt}")
+        if any(n < 1 for n in self.best_of_n):
+            raise ConfigError(f"best_of_n must hold n >= 1, got {self.best_of_n}")
+        if any(not t > 0 for t in self.temperatures):
+            raise ConfigError(f"temperatures must all be > 0, got {self.temperatures}")
+        if self.bootstrap_resamples < 100:
+            raise ConfigError(f"bootstrap_resamples must be >= 100 for a 95% interval, got {self.bootstrap_resamples}")
 
     def check_inputs(self) -> None:
         """The runs and files evaluation reads exist (before any model loads)."""

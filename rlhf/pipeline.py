@@ -4,12 +4,13 @@ With no arguments it runs the toy world (written first into `<out>/toy` if missi
 writes its own run directory under `<out>` and a `DONE` marker when it finishes; a rerun skips the
 finished stages and resumes an unfinished one from its newest checkpoint.
 
-    <out>/toy/                 the toy world (data + pretrained base), when no data was given
+    <out>/toy/                 the toy world (data + pretrained base + split.json), when no data was given
+    <out>/split.json           the train / tune / test users every stage reads (your data, no split given)
     <out>/sft/                 policy adapter (later the frozen reference)
     <out>/rm_rankings.jsonl    K SFT samples per RM prompt, ranked by the gold judge (`gold`, rlhf.judges)
     <out>/rm/                  reward adapter + head
     <out>/ppo/, <out>/ppo_ptx/ policy and value adapters
-    <out>/eval.json            the evaluation table
+    <out>/eval.json            the evaluation table (test users), with gold_vs_kl.png beside it
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from rlhf.config import save_config, validate
+from rlhf.config import require_path, save_config, validate
+from rlhf.data import SPLIT_FILE, UserSplit, load_records
 from rlhf.eval import evaluate
 from rlhf.judges import gold_judge
 from rlhf.models import ModelConfig
@@ -32,8 +34,24 @@ from rlhf.toy import write_toy_world
 
 log = logging.getLogger("rlhf.pipeline")
 
+
 def _model(cfg: PipelineConfig, stage_model: ModelConfig, path: Path) -> ModelConfig:
     return dataclasses.replace(stage_model, path=str(path), quantization=cfg.quantization)
+
+
+def _split_file(cfg: PipelineConfig, out: Path, toy_split: Path | None, data_files: dict[str, Path]) -> Path:
+    """The one split.json every stage reads: given, the toy world's, or written once for your data."""
+    if cfg.split:
+        return require_path(cfg.split, "split", "split file (split.json)")
+    if toy_split is not None:
+        return toy_split
+    path = out / SPLIT_FILE
+    if not path.is_file():  # written once: a rerun must not move users between parts
+        users = {r.get("user_id") for kind, f in data_files.items() if f.is_file()
+                 for r in load_records(f, kind, skip_invalid=True)}
+        UserSplit.for_users(users, cfg.split_seed, cfg.tune_fraction, cfg.test_fraction).write(path)
+        log.info("wrote the user split to %s", path)
+    return path
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -51,12 +69,14 @@ def run(cfg: PipelineConfig) -> dict:
         model_path, sft_data, prompts, pretrain = (Path(cfg.model_path), Path(cfg.data.sft),
                                                    Path(cfg.data.prompts), Path(cfg.data.pretrain))
         rankings = Path(cfg.data.rankings)
+    split = _split_file(cfg, out, world.split if cfg.uses_toy() else None,
+                        {"sft": sft_data, "rankings": rankings, "prompts": prompts})
 
     sft_dir = out / "sft"
     if not is_done(sft_dir):
         train_sft(dataclasses.replace(
             cfg.sft, model=_model(cfg, cfg.sft.model, model_path), out_dir=str(sft_dir), resume="auto",
-            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data),
+            device=device, data=dataclasses.replace(cfg.sft.data, path=str(sft_data), split=str(split),
                                                     use_chat_template=cfg.use_chat_template)))
 
     rm_data = rankings
@@ -65,8 +85,8 @@ def run(cfg: PipelineConfig) -> dict:
         if not rm_data.exists():
             from rlhf.labelling import sample_rankings
 
-            rank = gold_judge(cfg.gold_judge()).rank  # the gold judge labels, as InstructGPT's labellers did
-            sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, rank, k=cfg.rm_k,
+            gold_score = gold_judge(cfg.gold_judge()).gold_score  # the gold judge labels, as InstructGPT's did
+            sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, gold_score, k=cfg.rm_k,
                             max_new_tokens=cfg.ppo.rollout.max_new_tokens, seed=cfg.rm.seed,
                             max_prompt_length=cfg.ppo.data.max_prompt_length, device=device,
                             use_chat_template=cfg.use_chat_template)
@@ -75,7 +95,7 @@ def run(cfg: PipelineConfig) -> dict:
         train_rm(dataclasses.replace(
             cfg.rm, model=_model(cfg, cfg.rm.model, model_path), out_dir=str(rm_dir), sft_dir=str(sft_dir),
             resume="auto", device=device,
-            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data),
+            data=dataclasses.replace(cfg.rm.data, path=str(rm_data), demonstrations=str(sft_data), split=str(split),
                                      use_chat_template=cfg.use_chat_template)))
 
     for variant in cfg.ppo_variants:
@@ -86,7 +106,7 @@ def run(cfg: PipelineConfig) -> dict:
         train_ppo(dataclasses.replace(
             cfg.ppo, model=_model(cfg, cfg.ppo.model, model_path), out_dir=str(run_dir), sft_dir=str(sft_dir),
             rm_dir=str(rm_dir), ptx_coef=ptx_coef, resume="auto", device=device,
-            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain),
+            data=dataclasses.replace(cfg.ppo.data, path=str(prompts), pretrain=str(pretrain), split=str(split),
                                      use_chat_template=cfg.use_chat_template)))
 
     return evaluate(dataclasses.replace(
@@ -94,6 +114,5 @@ def run(cfg: PipelineConfig) -> dict:
         rm_dir=str(rm_dir), policies={v: str(out / v) for v in cfg.ppo_variants},
         gold=cfg.gold_judge(), device=device,
         max_new_tokens=cfg.ppo.rollout.max_new_tokens,
-        data=dataclasses.replace(cfg.eval.data, path=str(prompts), pretrain=str(pretrain),
-                                 val_fraction=cfg.ppo.data.val_fraction, seed=cfg.ppo.data.seed,
+        data=dataclasses.replace(cfg.eval.data, path=str(prompts), pretrain=str(pretrain), split=str(split),
                                  use_chat_template=cfg.use_chat_template)))

@@ -52,12 +52,17 @@ class PipelineConfig:
     data: PipelineData = field(default_factory=PipelineData)
     toy: ToyConfig = field(default_factory=ToyConfig)
     rm_labels: Literal["sampled", "file"] = "sampled"  # InstructGPT: RM data are K SFT samples ranked by labellers ("file": data.rankings)
-    rm_k: int = 4  # InstructGPT: K = 4..9 answers ranked per prompt
+    rm_k: int = 6  # InstructGPT: K = 4..9 answers ranked per prompt; ours: 6, as tied answers are dropped
+    split: str = ""  # a split.json of train / tune / test users; "" = the toy world's, or (your data)
+    # `<out>/split.json` written once from the users of data.sft, data.rankings and data.prompts
+    split_seed: int = 0  # ours: the seed of a split written for your data
+    tune_fraction: float = 0.1  # ours: users for choices (learning rate, ptx_coef)
+    test_fraction: float = 0.1  # ours: users for the reported evaluation only
     ppo_variants: list[Literal["ppo", "ppo_ptx"]] = field(default_factory=lambda: list(PPO_VARIANTS))
     # InstructGPT compares both: PPO, and PPO-ptx with ptx_coef times the pretraining log-likelihood
     ptx_coef: float = 1.0  # used by the "ppo_ptx" variant ("ppo" has 0). InstructGPT's gamma is 27.8;
-    # ours: on the toy world 27.8 drowns the RL signal (gold score 0.65 against SFT's 0.78), 1.0 keeps
-    # PPO's gold gain while the pretraining loss falls instead of rising
+    # ours: on the earlier toy world (conciseness-rewarding judge) 27.8 drowned the RL signal (gold 0.65
+    # against SFT's 0.78) and 1.0 kept PPO's gain; not retuned for the current judge (README, toy results)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -76,6 +81,9 @@ class PipelineConfig:
             raise ConfigError(f"ppo_variants must be a non-empty subset of {list(PPO_VARIANTS)}, got {self.ppo_variants}")
         if "ppo_ptx" in self.ppo_variants and self.ptx_coef <= 0:
             raise ConfigError(f"ppo_variants has 'ppo_ptx' but ptx_coef={self.ptx_coef}; set ptx_coef > 0")
+        if not (0 <= self.tune_fraction < 1 and 0 <= self.test_fraction < 1 and self.tune_fraction + self.test_fraction < 1):
+            raise ConfigError(f"tune_fraction={self.tune_fraction} and test_fraction={self.test_fraction} must be in "
+                              "[0, 1) and leave room for train users")
         if self.quantization not in ("nf4", "none"):
             raise ConfigError(f"quantization must be 'nf4' or 'none', got {self.quantization!r}")
         if self.uses_toy() and any(dataclasses.astuple(self.data)):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.data import collate_rankings, load_records, pad_right, split_by_user, tokenize_rankings, tokenize_sft
+from rlhf.data import collate_rankings, load_parts, load_records, pad_right, tokenize_rankings, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
 from rlhf.metrics import postfix
@@ -30,6 +30,7 @@ from rlhf.models import RoleModel
 from rlhf.stage_dirs import adapter_dir
 from rlhf.reward_config import RMConfig, RMData  # noqa: F401  (re-exported: `from rlhf.reward import RMConfig`)
 from rlhf.progress import progress
+from rlhf.rm_diagnostics import rm_stage_diagnostics
 from rlhf.stage_run import StageRun
 from rlhf.training import autocast, build_optimizer, cosine_schedule
 
@@ -136,8 +137,8 @@ def train(cfg: RMConfig) -> Path:
         if run.finished:
             return run.out
         device = run.device
-        records = load_records(cfg.data.path, "rankings", skip_invalid=cfg.data.skip_invalid)
-        train_records, val_records = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
+        train_records, val_records = load_parts(cfg.data.path, "rankings", ("train", "tune"), cfg.data.split,
+                                                cfg.data.skip_invalid)  # the one user split (see sft.py)
         model = RoleModel(cfg.model, device=device)
         tokenizer = model.tokenizer
         kw = dict(use_chat_template=cfg.data.use_chat_template)
@@ -197,7 +198,11 @@ def train(cfg: RMConfig) -> Path:
         if val_examples:
             summary.update(evaluate_rankings(model, val_examples, cfg.micro_batch_size, pad_id, device, cfg.precision,
                                              cfg.margin))
-        run.metrics.log(total_steps, {k: v for k, v in summary.items() if k.startswith(("val_", "offset", "demo_"))})
+            # is the RM more than a length rule? (issue 15.3) RM vs length rule vs SFT log-prob on the same pairs
+            summary.update(rm_stage_diagnostics(model, val_examples, cfg.sft_dir, cfg.micro_batch_size, device,
+                                                cfg.precision))
+        run.metrics.log(total_steps, {k: v for k, v in summary.items()
+                                      if k.startswith(("val_", "offset", "demo_")) and not isinstance(v, str)})
         run.finish(steps=total_steps, **summary)
     log.info("RM done: %s", summary)
     return run.out

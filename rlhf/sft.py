@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.data import load_records, pad_right, shift_labels, split_by_user, tokenize_sft
+from rlhf.data import load_parts, pad_right, shift_labels, tokenize_sft
 from rlhf.data.order import shuffled_positions
 from rlhf.errors import DataError
 from rlhf.metrics import postfix
@@ -62,8 +62,9 @@ def train(cfg: SFTConfig) -> Path:
         if run.finished:
             return run.out
         device = run.device
-        records = load_records(cfg.data.path, "sft", skip_invalid=cfg.data.skip_invalid)
-        train_records, val_records = split_by_user(records, cfg.data.val_fraction, cfg.data.seed)
+        # the one user split of every stage: train users to train, tune users for the validation curve
+        train_records, val_records = load_parts(cfg.data.path, "sft", ("train", "tune"), cfg.data.split,
+                                                cfg.data.skip_invalid)
         model = RoleModel(cfg.model, device=device)
         tokenizer = model.tokenizer
         train_examples, _ = tokenize_sft(train_records, tokenizer, cfg.data.max_length,

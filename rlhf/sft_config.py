@@ -14,16 +14,12 @@ from rlhf.optim_config import OptimConfig
 @dataclass
 class SFTData:
     path: str = ""  # demonstrations: {"prompt", "completion"} or {"messages"} records
-    val_fraction: float = 0.1  # ours: held-out users (split by user id, as InstructGPT splits)
+    split: str = ""  # split.json: the train / tune / test users every stage shares (trains on train, validates on tune);
+    # "" = the split.json beside data.path (the toy world and `rlhf pipeline` write one), else hashed users
     max_length: int = 64  # ours: toy sequences are < 40 tokens; longer prompts are cut from the left
     use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
     # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail on bad records unless asked to skip and count them
-    seed: int = 0  # the user-id split's seed: the same seed gives the same split
-
-    def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass

@@ -43,8 +43,8 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf.checkpoint import (config_changes, load_trainer_state, resolve_resume, rng_state, save_checkpoint,
-                             save_trainer_state, set_rng_state)
+from rlhf.checkpoint import (config_changes, describe_os_error, load_trainer_state, resolve_resume, rng_state,
+                             save_checkpoint, save_trainer_state, set_rng_state)
 from rlhf.config import read_yaml, save_config, validate
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.metrics import MetricsLogger
@@ -99,10 +99,16 @@ class StageRun:
     def __enter__(self) -> "StageRun":
         validate(self.cfg)
         self.cfg.check_inputs()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except OSError as err:  # read-only, no space, permission: one line, not a traceback
+            raise _run_dir_error(err, self.out) from None
         try:
             self._open()
+        except OSError as err:
+            self._lock.release()
+            raise _run_dir_error(err, self.out) from None
         except BaseException:
             self._lock.release()
             raise
@@ -243,6 +249,8 @@ class StageRun:
                                 can_halve=not self.cfg.auto_halve_micro_batch) from exc
             elif isinstance(exc, KeyboardInterrupt) and not isinstance(exc, StageInterrupted):
                 raise StageInterrupted(self.interrupted_message()) from exc
+            elif isinstance(exc, OSError):  # a metrics or role write: the checkpoints saved so far stay
+                raise _run_dir_error(exc, self.out) from exc
         finally:
             self._lock.release()
 
@@ -255,6 +263,11 @@ class StageRun:
         rerun = "rerun the same command" if self._resume else "rerun with --resume auto"
         return f"{at}; the newest checkpoint is step {self.checkpoint_step}: {rerun} to continue from it"
 
+
+
+def _run_dir_error(err: OSError, out: Path) -> RLHFError:
+    return RLHFError(f"cannot write the run dir: {describe_os_error(err, out)}; free space, fix the permissions "
+                     "or choose another --out (checkpoints already saved are kept)")
 
 
 def _step_of(checkpoint: Path) -> int | None:

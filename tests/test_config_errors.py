@@ -233,3 +233,10 @@ def test_pipeline_data_dir_fills_the_files_it_holds(capsys, tmp_path):
     assert cfg.data.rankings == ""  # not in the directory
     assert f"data.dir (--data): data directory '{tmp_path / 'nope'}' does not exist" in cli_error(
         capsys, ["pipeline", "--model", "/m", "--data", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("command", ["toy", "pipeline"])
+def test_toy_world_errors_name_the_flag_the_command_takes(capsys, command):
+    # `rlhf toy` and `rlhf pipeline` both nest the world's config under `toy`, so the error's field is the flag
+    err = cli_error(capsys, [command, "--toy.warmup_steps", "5000", "--toy.pretrain_steps", "800"])
+    assert "toy.warmup_steps=5000: must be in [0, toy.pretrain_steps=800" in err

@@ -21,7 +21,7 @@ from rlhf.data import (
     pad_left,
     pad_right,
     shift_labels,
-    split_by_user,
+    UserSplit,
     tokenize_pretrain,
     tokenize_prompts,
     tokenize_rankings,
@@ -243,75 +243,27 @@ def test_skip_invalid_with_no_valid_record_still_fails(tmp_path):
 # Split by user id
 # ---------------------------------------------------------------------------------------------
 
-def random_records(rng: random.Random) -> list[dict]:
-    num_users = rng.randint(0, 8)
-    records = []
-    for index in range(rng.randint(2, 40)):
-        user_id = str(rng.randrange(num_users)) if num_users and rng.random() < 0.8 else None
-        records.append({"prompt": f"p{index}", "user_id": user_id, "source": f"f:{index + 1}"})
-    return records
-
-
-def test_split_never_puts_a_user_on_both_sides():
-    rng = random.Random(0)
-    for case in range(300):
-        records = random_records(rng)
-        val_fraction = rng.choice([0.0, 0.05, 0.2, 0.5, 0.9])
-        train, val = split_by_user(records, val_fraction, seed=case)
-        assert sorted(train + val, key=lambda r: r["source"]) == sorted(records, key=lambda r: r["source"])
-        train_users = {r["user_id"] for r in train if r["user_id"] is not None}
-        val_users = {r["user_id"] for r in val if r["user_id"] is not None}
-        assert not train_users & val_users
-        assert train, "train always keeps a group"
-        num_groups = len({r["user_id"] for r in records if r["user_id"] is not None}) + sum(
-            r["user_id"] is None for r in records)
-        if val_fraction > 0 and num_groups >= 2:
-            assert val, "val gets at least one group"
-        if val_fraction == 0:
-            assert not val
-
-
-def test_split_is_deterministic_given_seed():
-    records = random_records(random.Random(1)) + [{"prompt": f"x{i}", "user_id": f"u{i % 5}", "source": f"g:{i}"}
-                                                  for i in range(30)]
-    first = split_by_user(records, 0.3, seed=123)
-    assert split_by_user(records, 0.3, seed=123) == first
-    other_seeds = [split_by_user(records, 0.3, seed=seed) for seed in range(5)]
-    assert any(split != first for split in other_seeds), "the seed should change the split"
-
-
 def test_split_does_not_depend_on_python_hash_seed():
     # Load split.py on its own (it imports nothing of ours) in a process with another PYTHONHASHSEED.
     split_file = Path(__file__).resolve().parents[1] / "rlhf" / "data" / "split.py"
-    records = [{"user_id": f"user-{i % 7}", "source": str(i)} for i in range(40)]
+    records = [{"user_id": f"user-{i % 7}", "source": str(i)} for i in range(40)] + [
+        {"prompt": f"p{i}", "user_id": None, "source": f"none-{i}"} for i in range(10)]
     child = (
         "import importlib.util, json, sys\n"
         f"spec = importlib.util.spec_from_file_location('split', {str(split_file)!r})\n"
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['split'] = module\n"  # for its dataclass
+        "spec.loader.exec_module(module)\n"
         "records = json.load(sys.stdin)\n"
-        "train, val = module.split_by_user(records, 0.25, seed=3)\n"
-        "print(json.dumps([r['source'] for r in val]))\n"
+        "test = module.UserSplit(seed=3, tune_fraction=0.25, test_fraction=0.25).select(records, 'test')\n"
+        "print(json.dumps([r['source'] for r in test]))\n"
     )
-    val_sources = []
+    test_sources = []
     for hash_seed in ("1", "2"):
         result = subprocess.run([sys.executable, "-c", child], input=json.dumps(records), capture_output=True,
                                 text=True, check=True, env={"PYTHONHASHSEED": hash_seed})
-        val_sources.append(json.loads(result.stdout))
-    _, val = split_by_user(records, 0.25, seed=3)
-    assert val_sources[0] == val_sources[1] == [r["source"] for r in val]
-
-
-def test_split_records_without_user_id_are_split_one_by_one():
-    records = [{"prompt": f"p{i}", "user_id": None, "source": f"f:{i}"} for i in range(10)]
-    train, val = split_by_user(records, 0.3, seed=0)
-    assert (len(train), len(val)) == (7, 3)
-    # one user holding every record cannot be split: it stays in train
-    same_user = [dict(record, user_id="u") for record in records]
-    assert split_by_user(same_user, 0.3, seed=0) == (same_user, [])
-    # a tiny fraction still gives val one group
-    assert len(split_by_user(records, 0.01, seed=0)[1]) == 1
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_by_user(records, 1.0, seed=0)
+        test_sources.append(json.loads(result.stdout))
+    test = UserSplit(seed=3, tune_fraction=0.25, test_fraction=0.25).select(records, "test")
+    assert test_sources[0] == test_sources[1] == [r["source"] for r in test] != []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def test_a_stage_that_fails_on_its_data_writes_no_outputs(tmp_path, monkeypatch)
         with pytest.raises(DataError, match=f"{path}"):
             train_sft(cfg)
         left = sorted(p.name for p in out.iterdir()) if out.exists() else []
-        assert set(left) <= {"config.yaml"}, left  # the resolved config only, written whole
+        # the resolved config (written whole) and the run dir's claim (owner, lock): no adapter, checkpoint, DONE
+        assert set(left) <= {"config.yaml", "OWNER", ".lock"}, left
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,14 +155,14 @@ optim:
   lr: 1.0e-3
   warmup_steps: 2
 data:
-  val_fraction: 0.1
+  max_length: 64
   skip_invalid: true
 """
 YAML_SNIPPETS = ["epochs: .nan", "epochs: .inf", "optim: {lr: .nan}", "1: 2", "? [a, b]\n: 1", "null: 3",
                  "out_dir: 2024-01-01", "epochs: 0x10", "model: [1, 2]", "data: ~", "seed: 1e400",
                  "&a x: *a", "epochs: !!python/object:os.system x", "batch_size: '8'", "device: {a: b}",
                  "model:\n\tlora_r: 3", "epochs: 2\nepochs: 3", "\u202eepochs: 1", "épochs: 3", "- a", "'",
-                 "micro_batch_size: -4", "keep_last: 0", "resume: 12", "data: {val_fraction: 1.5}",
+                 "micro_batch_size: -4", "keep_last: 0", "resume: 12", "data: {skip_invalid: 1.5}",
                  "x" * 100_000 + ": 1", "model: {target_modules: [1, null]}", "precision: [bf16]"]
 
 

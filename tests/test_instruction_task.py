@@ -10,7 +10,7 @@ import pytest
 
 from conftest import build_byte_level_model
 from rlhf.config import load_config
-from rlhf.data import load_records, split_by_user
+from rlhf.data import UserSplit, load_records
 from rlhf.errors import ConfigError, DataError
 from rlhf.judges import GOLD_JUDGES, gold_judge
 from rlhf.pipeline_config import PipelineConfig
@@ -127,8 +127,11 @@ def test_rankings_are_strictly_ordered_by_the_judge(task_dir):
 
 def test_users_have_habits_and_the_split_keeps_them_apart(task_dir):
     prompts = load_records(task_dir / "prompts.jsonl", "prompts")
-    train, held_out = split_by_user(prompts, 0.2, seed=0)
-    assert held_out and not {r["user_id"] for r in train} & {r["user_id"] for r in held_out}
+    split = UserSplit.load(task_dir / "split.json")  # the one split every stage reads
+    parts = {part: {r["user_id"] for r in split.select(prompts, part)} for part in ("train", "tune", "test")}
+    assert parts["test"] and parts["train"] and not parts["train"] & parts["test"]
+    demos = load_records(task_dir / "sft.jsonl", "sft")
+    assert not {r["user_id"] for r in split.select(demos, "train")} & parts["test"]
     users = {u.user_id: u for u in make_users(12, seed=0)}
     favourite = [parse_request(r["prompt"]).kind == users[r["user_id"]].favourite_kind for r in prompts]
     assert sum(favourite) / len(favourite) > 0.4  # 60% + 40%/6 expected; chance is 1/6

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf.errors import ConfigError, ModelError
 from rlhf.models import ModelConfig, RoleModel, last_true_index, load_tokenizer
+from rlhf.models.sampling import check_left_padded
 
 ATOL_FP32 = 1e-5  # fp32 CPU: same math in another order (padding, re-load) agrees to ~1e-6
 ROLES = ("policy", "reference", "reward", "value")
@@ -35,6 +36,44 @@ def perturb(model: RoleModel, role: str, seed: int) -> None:
     with torch.no_grad():
         for parameter in model.parameters(role):
             parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+
+
+# generate() arguments that leave softmax(logits / temperature) unchanged (see `generate` below)
+UNSHAPED_SAMPLING = {
+    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+}
+
+
+@torch.no_grad()
+def generate(model: RoleModel, role, input_ids, attention_mask, **gen_kwargs) -> torch.Tensor:
+    """transformers' `generate` through `role`, the reference RoleModel.sample is checked against.
+
+    Defaults: sampling on, KV cache on, the tokenizer's pad and EOS ids, and no reshaping of the
+    distribution (transformers would apply its global top_k=50 and the model's shipped
+    generation_config otherwise). Any `generate` argument overrides these.
+    """
+    check_left_padded(attention_mask, "generate")
+    if role is not None:
+        model._role(role)
+    model._switch.activate(role)
+    model._switch.set_training(False)
+    gen_kwargs.setdefault("do_sample", True)
+    if gen_kwargs["do_sample"]:
+        for name, neutral_value in UNSHAPED_SAMPLING.items():
+            gen_kwargs.setdefault(name, neutral_value)
+    gen_kwargs.setdefault("pad_token_id", model.tokenizer.pad_token_id)
+    gen_kwargs.setdefault("eos_token_id", model.tokenizer.eos_token_id)
+    gen_kwargs.setdefault("use_cache", True)
+    return model._causal_lm.generate(input_ids=input_ids, attention_mask=attention_mask.to(torch.long), **gen_kwargs)
+
+
+def add_role_copy(model: RoleModel, source: str, name: str, directory, trainable: bool = False) -> None:
+    """Add role `name` as a copy of `source` (adapter and head) through its saved directory, as PPO
+    starts the value function from the RM."""
+    model.save_role(source, directory)
+    kind = "value" if model.head(source) is not None else None
+    model.add_role(name, adapter_dir=directory, trainable=trainable, head=kind)
 
 
 def batch(vocab_low=4, vocab_high=50, batch_size=3, seq_len=9, seed=0):
@@ -119,7 +158,7 @@ def test_role_errors(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"left-padded"):
         right_padded = attention_mask.clone()
         right_padded[0, -1] = False
-        model.generate("policy", input_ids, right_padded, max_new_tokens=1)
+        model.sample("policy", input_ids, right_padded, max_new_tokens=1)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -267,7 +306,7 @@ def test_trainable_flags_survive_switching(tiny_model_dir, tmp_path):
     with model.use("reference"):
         assert _flags(model) == expected
     model.save_role("reward", tmp_path / "reward")
-    model.copy_role("reward", "reward_copy")
+    add_role_copy(model, "reward", "reward_copy", tmp_path / "reward_copy")
     assert _flags(model) == {**expected, "reward_copy": {False}}
     assert not any(p.requires_grad for name, p in model._causal_lm.named_parameters() if "lora_" not in name)
 
@@ -305,6 +344,17 @@ def test_last_true_index_under_both_paddings():
     left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
     assert last_true_index(right).tolist() == [2, 3, 0]
     assert last_true_index(left).tolist() == [3, 3, 3]
+    # documented: a row with no True gives 0 (integer and float {0, 1} masks read as bool)
+    assert last_true_index(torch.tensor([[0, 0, 0], [0, 1, 0]])).tolist() == [0, 1]
+    assert last_true_index(torch.tensor([[0.0, 0.0], [1.0, 0.0]])).tolist() == [0, 0]
+
+
+def test_reward_score_of_an_empty_row_is_refused(tiny_model_dir):
+    model = make_model(tiny_model_dir("llama"), roles=("reward",))
+    input_ids, attention_mask = batch()
+    attention_mask[1] = False
+    with pytest.raises(ValueError, match=r"a row of attention_mask has no real token"):
+        model.reward_scores("reward", input_ids, attention_mask)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -350,11 +400,13 @@ def test_values_are_per_token_and_a_fresh_value_head_predicts_zero(tiny_model_di
     assert torch.equal(values, torch.zeros_like(values))
 
 
-def test_copy_role_starts_the_value_function_from_the_reward_model(tiny_model_dir):
+def test_the_value_function_starts_as_a_copy_of_the_reward_model(tiny_model_dir, tmp_path):
+    # PPO adds "value" from the RM's directory (InstructGPT initialises the value function from the RM)
     model = make_model(tiny_model_dir("llama"), roles=("reward",))
     perturb(model, "reward", seed=2)
     model.head("reward").offset.fill_(0.25)
-    model.copy_role("reward", "value", trainable=True)
+    model.save_role("reward", tmp_path / "rm")
+    model.add_role("value", adapter_dir=tmp_path / "rm", trainable=True, head="value")
     input_ids, attention_mask = batch()
     with torch.no_grad():
         torch.testing.assert_close(
@@ -444,8 +496,8 @@ def test_generate_samples_from_the_role_with_left_padded_prompts(tiny_model_dir,
     prompt_ids = torch.tensor([[pad_id, pad_id, 10, 11, 12], [20, 21, 22, 23, 24]])  # [B, P], left-padded
     prompt_mask = prompt_ids != pad_id  # [B, P]
     new_tokens = 4
-    sequences = model.generate(
-        "policy", prompt_ids, prompt_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+    sequences = generate(
+        model, "policy", prompt_ids, prompt_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
     )  # [B, P + T]
     assert sequences.shape == (2, 5 + new_tokens)
     assert torch.equal(sequences[:, :5], prompt_ids)
@@ -492,8 +544,8 @@ def test_sampling_distribution_is_the_one_token_logprobs_recomputes(tiny_model_d
     prompt_ids = torch.tensor([[10, 11, 12], [20, 21, 22]])  # [B, P]
     prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)  # [B, P]
     torch.manual_seed(0)
-    output = model.generate(
-        "policy", prompt_ids, prompt_mask, max_new_tokens=3, min_new_tokens=3, temperature=temperature,
+    output = generate(
+        model, "policy", prompt_ids, prompt_mask, max_new_tokens=3, min_new_tokens=3, temperature=temperature,
         output_logits=True, output_scores=True, return_dict_in_generate=True,
     )
     sequences = output.sequences  # [B, P + T]
@@ -555,15 +607,15 @@ def test_fast_role_switch_matches_peft_set_adapter(tiny_model_dir):
     model = make_model(tiny_model_dir("llama"))
     for seed, role in enumerate(ROLES):
         perturb(model, role, seed=seed)
-    assert model._lora_layers, "the fast switch should be in use with this peft"
+    assert model._switch.lora_layers, "the fast switch should be in use with this peft"
     input_ids, attention_mask = batch()
     order = ["policy", "value", None, "reward", "policy", "reference", None, "value"]
     flags_before = _flags(model)
     with torch.no_grad():
         fast = [model.hidden_states(role, input_ids, attention_mask) for role in order]
-        layers, model._lora_layers = model._lora_layers, []  # the public peft path
+        layers, model._switch.lora_layers = model._switch.lora_layers, []  # the public peft path
         slow = [model.hidden_states(role, input_ids, attention_mask) for role in order]
-        model._lora_layers = layers
+        model._switch.lora_layers = layers
     for role, a, b in zip(order, fast, slow):
         assert torch.equal(a, b), role
     assert not torch.equal(fast[0], fast[1]) and not torch.equal(fast[0], fast[2])
@@ -624,4 +676,71 @@ def test_parts_in_one_forward_match_separate_forwards(tiny_model_dir, tmp_path, 
     # afterwards a plain forward is back to one role for all rows, and no LoRA layer keeps a hook
     with torch.no_grad():
         assert torch.equal(model.hidden_states("policy", input_ids, attention_mask), separate[0])
-    assert not any(layer._forward_hooks for layer in model._lora_layers)
+    assert not any(layer._forward_hooks for layer in model._switch.lora_layers)
+
+
+def test_row_slices_of_stacked_and_flattened_layer_inputs():
+    from rlhf.models.row_mixing import RowRoles, RowsNotAligned, _row_sizes
+
+    rows = RowRoles((("policy", 0, 2), ("value", 2, 5)), seq_len=4)
+    assert _row_sizes(rows, torch.zeros(5, 4, 8)) == [2, 3]  # [R, S, H]
+    assert _row_sizes(rows, torch.zeros(20, 8)) == [8, 12]  # [R * S, H] (OPT's fc1/fc2)
+    message = r"LoRA layer input \(7, 8\) is neither \[5, 4, \.\.\.\] nor \[20, \.\.\.\]"
+    with pytest.raises(RowsNotAligned, match=message):
+        _row_sizes(rows, torch.zeros(7, 8))  # tokens gathered per MoE expert
+
+
+def test_parts_fall_back_to_separate_forwards_when_rows_are_not_aligned(tiny_model_dir, monkeypatch):
+    # a LoRA layer whose input is not the stacked rows (an MoE expert's gathered tokens) cannot be
+    # split by role: hidden_states_of_parts must give the separate forwards' result and stay usable
+    from rlhf.models import adapter_switch
+    from rlhf.models.row_mixing import RowsNotAligned
+
+    model = make_model(tiny_model_dir("llama"))
+    for seed, role in enumerate(ROLES):
+        perturb(model, role, seed)
+    input_ids, attention_mask = batch()
+    parts = [("policy", input_ids, attention_mask), ("value", input_ids, attention_mask)]
+    with torch.no_grad():
+        separate = [model.hidden_states(role, ids, mask) for role, ids, mask in parts]
+
+    def misaligned(rows, layer, x, output):
+        raise RowsNotAligned("gathered tokens")
+
+    monkeypatch.setattr(adapter_switch, "add_row_deltas", misaligned)
+    with torch.no_grad():
+        together = model.hidden_states_of_parts(parts)
+    assert model._row_mixing_failed
+    for a, b in zip(together, separate):
+        assert torch.equal(a, b)
+    assert not any(layer._forward_hooks for layer in model._switch.lora_layers)
+    with torch.no_grad():
+        assert torch.equal(model.hidden_states("policy", input_ids, attention_mask), separate[0])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lora_r", 4, r"model\.lora_r=4 cannot apply to the adapter loaded from '.*sft', which keeps its own values "
+                  r"\(r=16, lora_alpha=32, target_modules=\['down_proj', .*\]\); drop the option or give those values"),
+    ("lora_alpha", 8.0, r"model\.lora_alpha=8\.0 cannot apply to the adapter loaded from"),
+    ("target_modules", ["q_proj"], r"model\.target_modules=\['q_proj'\] cannot apply to the adapter loaded from"),
+])
+def test_lora_options_that_cannot_apply_to_a_loaded_adapter_are_refused(tiny_model_dir, tmp_path, option, value,
+                                                                        message):
+    # an RM or PPO run with --model.lora_r 4 over an r=16 SFT adapter would otherwise train r=16 silently
+    make_model(tiny_model_dir("llama"), roles=("policy",)).save_role("policy", tmp_path / "sft")
+    later = RoleModel(ModelConfig(path=str(tiny_model_dir("llama")), quantization="none", **{option: value}))
+    with pytest.raises(ModelError, match=message):
+        later.add_role("reward", adapter_dir=tmp_path / "sft", head="reward")
+    later.add_role("fresh")  # a fresh role takes the options
+    config = later._peft_model.peft_config["fresh"]
+    assert {"lora_r": config.r, "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules)}[option] == value
+
+
+def test_lora_options_equal_to_the_adapters_own_are_accepted(tiny_model_dir, tmp_path):
+    # a pipeline passes the SFT run's options to every stage
+    options = dict(lora_r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"])
+    make_model(tiny_model_dir("llama"), roles=("policy",), **options).save_role("policy", tmp_path / "sft")
+    later = RoleModel(ModelConfig(path=str(tiny_model_dir("llama")), quantization="none", **options))
+    later.add_role("reward", adapter_dir=tmp_path / "sft", head="reward")
+    assert later._peft_model.peft_config["reward"].r == 4

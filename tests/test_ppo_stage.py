@@ -40,7 +40,7 @@ from rlhf.ppo.loop import build_roles, build_trainer, explained_variance, ppo_it
 from rlhf.ppo.rewards import last_token_index, score_penalties, shape_rewards
 from rlhf.ppo.rollout import answer_mask_from, sample, score
 from rlhf.ppo.update import mini_batch_backward, ptx_nll_sum
-from rlhf.toy import ToyConfig, gold_score, rank, write_toy_world
+from rlhf.toy import ToyConfig, gold_score, write_toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -386,7 +386,9 @@ PIPELINE_OVERRIDES = {
     "ppo.iterations": 2, "ppo.rollout.batch_size": 8, "ppo.mini_batch_size": 8, "ppo.micro_batch_size": 8,
     "ppo.ppo_epochs": 1, "ppo.rollout.max_new_tokens": 8, "ppo.ptx_batch_size": 4,
     "eval.data.max_prompts": 16, "eval.data.max_pretrain_chunks": 16, "eval.answers_per_prompt": 2,
+    "eval.best_of_n": [1, 2], "eval.temperatures": [0.5], "eval.bootstrap_resamples": 200,
 }
+EVAL_ROWS = ["sft", "best_of_1", "best_of_2", "sft_t0.5", "ppo", "ppo_ptx"]
 
 
 @pytest.fixture(scope="module")
@@ -411,19 +413,28 @@ def pipeline_run(tmp_path_factory):
 
 
 def check_eval_result(result: dict) -> None:
-    assert list(result["policies"]) == ["sft", "ppo", "ppo_ptx"]
-    assert result["n_prompts"] == 16 and result["answers_per_prompt"] == 2
+    assert list(result["policies"]) == EVAL_ROWS
+    assert 0 < result["n_prompts"] <= 16 and result["answers_per_prompt"] == 2 and result["part"] == "test"
     for name, row in result["policies"].items():
-        for key in EVAL_METRICS:
+        keys = EVAL_METRICS if row["kind"] in ("sft", "policy") else ("rm_score", "gold_score", "kl_to_sft",
+                                                                      "answer_length")
+        for key in keys:
             assert isinstance(row[key], float) and math.isfinite(row[key]), (name, key, row[key])
-        assert 0.0 <= row["gold_score"] <= 1.0
-        assert len(row["examples"]) == 5
+        assert 0.0 <= row["gold_ci"][0] <= row["gold_score"] <= row["gold_ci"][1] <= 1.0
+        assert len(row["examples"]) == min(5, result["n_prompts"])
     assert result["policies"]["sft"]["kl_to_sft"] == 0.0
     assert "win_rate_vs_sft" not in result["policies"]["sft"]
     assert set(result["win_rate_vs_sft"]) == {"ppo", "ppo_ptx"}
     for name, rate in result["win_rate_vs_sft"].items():
         assert result["policies"][name]["win_rate_vs_sft"] == rate
-        assert 0.0 <= rate <= 1.0
+        low, high = result["policies"][name]["win_rate_ci"]
+        assert 0.0 <= low <= rate <= high <= 1.0
+    # best-of-n: its KL estimate below the analytic bound; the colder SFT is a different policy (KL > 0)
+    for n in (1, 2):
+        row = result["policies"][f"best_of_{n}"]
+        assert 0.0 <= row["kl_to_sft"] <= row["kl_bound"] + 1e-9
+    assert result["policies"]["sft_t0.5"]["kl_to_sft"] > 0.0
+    assert result["rm_diagnostics"]["pairs"] + result["rm_diagnostics"]["tied_pairs_dropped"] > 0
 
 
 @pytest.mark.slow
@@ -432,21 +443,30 @@ def test_pipeline_runs_every_stage_end_to_end_on_cpu(pipeline_run):
     saved = json.loads((out / "eval.json").read_text())
     assert saved == json.loads(json.dumps(result))
     check_eval_result(saved)
-    # gold score and win rate from the judge's own verdicts: every policy answered the same prompts
-    n = saved["n_prompts"] * saved["answers_per_prompt"]
-    assert len(judged) == 3 * n
-    prompts = [prompt for prompt, _, _ in judged[:saved["n_prompts"]]]
-    assert [prompt for prompt, _, _ in judged[:n]] == prompts * 2  # every prompt answered twice
-    verdicts = {name: judged[i * n:(i + 1) * n] for i, name in enumerate(("sft", "ppo", "ppo_ptx"))}
-    for name, rows in verdicts.items():
-        assert [prompt for prompt, _, _ in rows] == [prompt for prompt, _, _ in verdicts["sft"]]
+    assert (out / "gold_vs_kl.png").read_bytes().startswith(b"\x89PNG")
+    # gold scores and win rates from the judge's own verdicts, called row by row, prompt-major
+    n_prompts, k, k_sft = saved["n_prompts"], saved["answers_per_prompt"], saved["sft_samples_per_prompt"]
+    sizes = {"sft": k_sft, "best_of_1": 1, "best_of_2": 1, "sft_t0.5": k, "ppo": k, "ppo_ptx": k}
+    assert len(judged) == n_prompts * sum(sizes.values())
+    verdicts, start = {}, 0
+    for name, per_prompt in sizes.items():
+        rows = judged[start:start + n_prompts * per_prompt]
+        verdicts[name] = [rows[p * per_prompt:(p + 1) * per_prompt] for p in range(n_prompts)]
+        start += n_prompts * per_prompt
+    prompts = [answers[0][0] for answers in verdicts["sft"]]
+    for name, answers in verdicts.items():
+        assert [a[0][0] for a in answers] == prompts  # every row answered the same prompts
         row = saved["policies"][name]
-        assert row["gold_score"] == pytest.approx(sum(s for _, _, s in rows) / n)
-        assert [e["answer"] for e in row["examples"]] == [answer for _, answer, _ in rows[:5]]
-        if name != "sft":
-            wins = [1.0 if s > s_sft else 0.5 if s == s_sft else 0.0
-                    for (_, _, s), (_, _, s_sft) in zip(rows, verdicts["sft"])]
-            assert saved["win_rate_vs_sft"][name] == pytest.approx(sum(wins) / n)
+        scores = [[s for _, _, s in a] for a in answers]
+        assert row["gold_score"] == pytest.approx(sum(sum(s) / len(s) for s in scores) / n_prompts)
+        assert [e["answer"] for e in row["examples"]] == [a[0][1] for a in answers[:5]]
+        if name != "sft":  # every answer against every SFT answer to the same prompt, ties 1/2
+            sft_scores = [[s for _, _, s in a] for a in verdicts["sft"]]
+            per_prompt_wins = [sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in mine for y in theirs)
+                               / (len(mine) * len(theirs)) for mine, theirs in zip(scores, sft_scores)]
+            assert row["win_rate_vs_sft"] == pytest.approx(sum(per_prompt_wins) / n_prompts)
+    # best-of-1 keeps the first SFT answer of each prompt
+    assert [a[0][1] for a in verdicts["best_of_1"]] == [a[0][1] for a in verdicts["sft"]]
     for stage in ("sft", "rm", "ppo", "ppo_ptx"):
         assert (out / stage / "DONE").is_file(), stage
     assert (out / "toy" / "model" / "config.json").is_file()
@@ -456,15 +476,15 @@ def test_pipeline_runs_every_stage_end_to_end_on_cpu(pipeline_run):
     assert not any("ptx_loss" in json.loads(line) for line in (out / "ppo" / "metrics.jsonl").open())
 
     # labelling: K = rm_k SFT samples per RM prompt, distinct, ordered best first by the toy labeller
+    # (answers the judge scores equally are a tie: one of them is kept, so no pair in a ranking is tied)
     rankings = [json.loads(line) for line in (out / "rm_rankings.jsonl").open()]
     rm_prompts = {r["prompt"] for r in load_records(out / "toy" / "rankings.jsonl", "rankings")}
-    assert len(rankings) > 0.9 * len(rm_prompts)
+    assert len(rankings) > 0.3 * len(rm_prompts)
     for record in rankings:
         assert record["prompt"] in rm_prompts
         assert 2 <= len(record["responses"]) <= 4
-        assert len(set(record["responses"])) == len(record["responses"])
-        assert rank(record["prompt"], record["responses"]) == list(range(len(record["responses"])))
-    assert sum(len(r["responses"]) == 4 for r in rankings) > len(rankings) / 2  # duplicates are the exception
+        scores = [gold_score(record["prompt"], answer) for answer in record["responses"]]
+        assert scores == sorted(set(scores), reverse=True)  # best first, no two tied
 
 
 @pytest.mark.slow
@@ -476,7 +496,8 @@ def test_eval_cli_on_the_saved_adapters_reproduces_the_table(pipeline_run, tmp_p
             "--sft", str(out / "sft"), "--rm", str(out / "rm"),
             "--policies", f"{{ppo: '{out / 'ppo'}', ppo_ptx: '{out / 'ppo_ptx'}'}}", "--gold", "toy",
             "--out", str(eval_out), "--model.quantization", "none", "--device", "cpu", "--max_new_tokens", "8",
-            "--data.max_prompts", "16", "--data.max_pretrain_chunks", "16", "--answers_per_prompt", "2"]
+            "--data.max_prompts", "16", "--data.max_pretrain_chunks", "16", "--answers_per_prompt", "2",
+            "--best_of_n", "[1, 2]", "--temperatures", "[0.5]", "--bootstrap_resamples", "200"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RLHF_KERNELS_BACKEND="torch",
                TQDM_DISABLE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "rlhf", *args], env=env, cwd=ROOT, capture_output=True,
@@ -484,18 +505,19 @@ def test_eval_cli_on_the_saved_adapters_reproduces_the_table(pipeline_run, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     lines = proc.stdout.strip().splitlines()  # the table is the last thing printed
-    assert len(lines) >= 5, proc.stdout
-    header = lines[-5].split()
+    rows = len(EVAL_ROWS)
+    assert len(lines) >= rows + 2, proc.stdout
+    header = lines[-rows - 2].split()
     assert header[0] == "policy" and set(EVAL_METRICS) | {"win_rate_vs_sft"} <= set(header), proc.stdout
-    assert [line.split()[0] for line in lines[-4:-1]] == ["sft", "ppo", "ppo_ptx"], proc.stdout
-    assert lines[-1] == "held-out prompts: 16 (users not seen in training), 2 sampled answers each", proc.stdout
+    assert [line.split()[0] for line in lines[-rows - 1:-1]] == EVAL_ROWS, proc.stdout
+    assert lines[-1].startswith(f"test prompts: {result['n_prompts']} (users never seen in training)"), proc.stdout
 
     saved = json.loads((eval_out / "eval.json").read_text())
     check_eval_result(saved)
     # the same prompts, sampling seed and adapters as the pipeline's evaluation: the same numbers
     for name, row in result["policies"].items():
         assert saved["policies"][name].keys() == row.keys()
-        for key in EVAL_METRICS:
+        for key in (k for k in EVAL_METRICS if k in row):
             assert saved["policies"][name][key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (name, key)
         assert saved["policies"][name]["examples"] == row["examples"]
     assert saved["win_rate_vs_sft"] == result["win_rate_vs_sft"]

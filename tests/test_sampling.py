@@ -8,7 +8,7 @@ import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from rlhf.models.sampling import sample_with_cache, top_p_filter
-from tests.test_models import make_model, perturb
+from tests.test_models import generate, make_model, perturb
 
 EOS, PAD = 1, 0
 
@@ -26,7 +26,7 @@ def test_sample_draws_the_tokens_generate_draws(tiny_model_dir, arch, quantizati
         torch.manual_seed(seed)
         ours = model.sample("policy", prompt_ids, prompt_mask, max_new, temperature, top_p)  # [B, P + T]
         torch.manual_seed(seed)
-        theirs = model.generate("policy", prompt_ids, prompt_mask, max_new_tokens=max_new, temperature=temperature,
+        theirs = generate(model, "policy", prompt_ids, prompt_mask, max_new_tokens=max_new, temperature=temperature,
                                 top_p=top_p)  # [B, P + T]
         assert torch.equal(ours, theirs), (seed, ours, theirs)
         answers = ours[:, 5:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 
 import rlhf.sft
 from rlhf.config import load_config
-from rlhf.data import collate_rankings, load_records, split_by_user, tokenize_rankings, tokenize_sft
+from rlhf.data import collate_rankings, load_records, split_for, tokenize_rankings, tokenize_sft
 from rlhf.metrics import read_metrics
 from rlhf.models import RoleModel
 from rlhf.reward import (RMConfig, demonstration_scores, evaluate_rankings, normalise, ranking_batch_loss)
@@ -83,8 +84,10 @@ def saved_rm(rm_run) -> RoleModel:
     return model
 
 
-def val_split(records_path: Path, kind: str, val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    return split_by_user(load_records(records_path, kind), val_fraction, seed)
+def val_split(records_path: Path, kind: str) -> tuple[list[dict], list[dict]]:
+    """(train, tune) records as the stages split them: the split.json beside the data file."""
+    records, split = load_records(records_path, kind), split_for(records_path)
+    return split.select(records, "train"), split.select(records, "tune")
 
 
 def explicit_pairs_loss(groups: list[torch.Tensor]) -> tuple[float, float]:
@@ -106,7 +109,7 @@ def test_sft_lowers_the_validation_loss_and_writes_a_complete_run_dir(sft_run):
     """Held-out users' answer NLL falls well below the untrained adapter's (the pretrained base's), the
     saved adapter is the trained one, and the run dir holds everything the layout promises."""
     cfg, out = sft_run
-    _, val_records = val_split(Path(cfg.data.path), "sft", cfg.data.val_fraction, cfg.data.seed)
+    _, val_records = val_split(Path(cfg.data.path), "sft")
     assert val_records
 
     def val_loss(adapter_dir: Path | None) -> float:
@@ -185,7 +188,7 @@ def test_rm_is_normalised_so_demonstrations_score_zero_and_the_offset_is_saved(q
     assert abs(scores.mean().item()) < 1e-4
     assert scores.std().item() == pytest.approx(done["demo_score_std"], rel=1e-4)
 
-    _, val_records = val_split(quick_toy_world.rankings, "rankings", cfg.data.val_fraction, cfg.data.seed)
+    _, val_records = val_split(quick_toy_world.rankings, "rankings")
     val_examples, _ = tokenize_rankings(val_records, tokenizer, cfg.data.max_length)
     reloaded = evaluate_rankings(saved_rm, val_examples, 8, pad_id, CPU, "auto")
     assert reloaded["val_pairwise_accuracy"] == pytest.approx(done["val_pairwise_accuracy"], abs=1e-6)
@@ -360,11 +363,12 @@ def test_sft_on_an_nf4_base_lowers_the_train_loss(quick_toy_world, tmp_path, mon
 
     monkeypatch.setattr(rlhf.sft, "RoleModel", capture)
     cfg = sft_config(quick_toy_world, tmp_path / "sft", epochs=1, log_every=1, **{
-        "model.quantization": "nf4", "data.val_fraction": 0.0, "optim.warmup_steps": 2})
+        "model.quantization": "nf4", "optim.warmup_steps": 2})
     out = train_sft(cfg)
     assert any(type(p).__name__ == "Params4bit" for p in built[0]._causal_lm.parameters())
     losses = [r["train_loss"] for r in read_metrics(out) if "train_loss" in r]
-    assert len(losses) == 13  # 200 demonstrations / 16, one row per step
+    train_records, _ = val_split(quick_toy_world.sft, "sft")
+    assert len(losses) == math.ceil(len(train_records) / 16)  # the train users' demonstrations / 16, a row per step
     print(f"nf4 SFT train loss: first step {losses[0]:.3f}, last three {sum(losses[-3:]) / 3:.3f}")
     assert sum(losses[-3:]) / 3 < losses[0] - 0.2
     assert (out / "DONE").is_file() and (out / "policy" / "adapter_model.safetensors").is_file()

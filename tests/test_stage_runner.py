@@ -271,3 +271,51 @@ def test_a_resume_may_change_the_rate_but_not_what_makes_another_run():
     refused, _ = config_changes(saved, SFTConfig(epochs=16, optim=dataclasses.replace(SFTConfig().optim,
                                                                                       warmup_steps=0)))
     assert refused == ["optim.warmup_steps: 20 -> 0"]
+
+
+def test_a_stop_checkpoint_holds_a_full_count_and_the_rerun_starts_a_new_one():
+    guard = NonFiniteGuard(max_in_a_row=3)
+    guard.load_state_dict({"in_a_row": 3, "skipped_total": 5})  # written by the guard's stop
+    assert (guard.in_a_row, guard.skipped_total) == (0, 5)
+    guard.load_state_dict({"in_a_row": 2, "skipped_total": 5})  # a periodic checkpoint mid-streak: kept
+    assert guard.in_a_row == 2
+
+
+def test_an_out_of_memory_outside_the_micro_batches_names_the_settings_to_lower(quick_toy_world, tmp_path,
+                                                                               monkeypatch):
+    """The validation pass is not a training step (no halving), but its OOM still gets the stage's message."""
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(rlhf.sft, "evaluate_loss", oom)
+    with pytest.raises(RLHFError, match=r"out of memory during SFT training; lower one of: micro_batch_size, "
+                                        r"data.max_length \(or set auto_halve_micro_batch=true"):
+        train_sft(sft_config(quick_toy_world, tmp_path / "sft", eval_every=1))
+
+
+@pytest.mark.parametrize("failing", ["mkdir", "config", "metrics"])
+def test_os_errors_on_the_run_dir_are_one_line(quick_toy_world, tmp_path, monkeypatch, failing):
+    """Read-only or full disks (issue 14 point 7): one line naming the path and the cause, never a traceback;
+    we run as root, so the OS error is injected where the run dir is created, its config saved, or metrics
+    written mid-run."""
+    import errno
+
+    import rlhf.metrics
+    import rlhf.stage_run
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "sft"))
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "mkdir":
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    elif failing == "config":
+        monkeypatch.setattr(rlhf.stage_run, "save_config", read_only)
+    else:
+        monkeypatch.setattr(rlhf.metrics.MetricsLogger, "log", no_space)
+    cause = "no space left on device" if failing == "metrics" else "read-only file system"
+    with pytest.raises(RLHFError, match=f"cannot write the run dir: .*: {cause}; free space") as err:
+        train_sft(sft_config(quick_toy_world, tmp_path / "sft", epochs=1))
+    assert "\n" not in str(err.value)

@@ -82,15 +82,18 @@ def test_every_word_of_the_world_is_in_the_vocabulary(quick_toy_world):
 def test_gold_score_worked_by_hand():
     prompt = "please sort : c a b ="  # target "a b c"
     assert gold_score(prompt, "a b c") == 1.0
-    assert gold_score(prompt, "a b c .") == pytest.approx(0.6 + 0.4 / 1.5, abs=SCORE_TOL)  # 1 extra token: 0.866667
-    assert gold_score(prompt, "a b c . ok done") == pytest.approx(0.6 + 0.4 / 2.5, abs=SCORE_TOL)  # 3 extra: 0.76
-    assert gold_score(prompt, "a c b") == pytest.approx(1 / 3, abs=SCORE_TOL)  # 1 of 3 positions right
-    assert gold_score(prompt, "a b") == pytest.approx(2 / 3, abs=SCORE_TOL)  # the missing position is wrong
+    assert gold_score(prompt, "a b c .") == 1.0  # 1 extra token: inside the band, no cost
+    assert gold_score(prompt, "a b c . ok") == 1.0  # 2 extra tokens: still inside
+    assert gold_score(prompt, "a b c . ok done") == pytest.approx(1 / 1.25, abs=SCORE_TOL)  # 3 extra: 0.8
+    # content = 0.5 * correctness + 0.5 * [fully correct]
+    assert gold_score(prompt, "a c b") == pytest.approx(0.5 / 3, abs=SCORE_TOL)  # 1 of 3 positions right
+    assert gold_score(prompt, "a b") == pytest.approx(0.5 * 2 / 3, abs=SCORE_TOL)  # the missing position is wrong
     assert gold_score(prompt, "c a b") == 0.0  # no position right
     assert gold_score(prompt, "") == 0.0  # brevity earns nothing on its own
-    adding = "add : 3 5 ="  # target 8; correctness 1 - |n - 8| / 4
-    assert [gold_score(adding, answer) for answer in ("8", "9", "6", "12", "ok")] == [1.0, 0.75, 0.5, 0.0, 0.0]
-    assert gold_score(adding, "7 ok") == pytest.approx(0.75 * (0.6 + 0.4 / 1.5), abs=SCORE_TOL)
+    adding = "add : 3 5 ="  # target 8; correctness 1 - |n - 8| / 4, halved unless exact
+    assert [gold_score(adding, answer) for answer in ("8", "9", "6", "12", "ok")] == [1.0, 0.375, 0.25, 0.0, 0.0]
+    assert gold_score(adding, "7 ok") == 0.375  # 1 extra token costs nothing
+    assert gold_score(adding, "8 . ok done sure") == pytest.approx(1 / 1.5, abs=SCORE_TOL)  # 4 extra: 2 past the band
     assert judge(prompt, "a b c . ok").extra_tokens == 2
 
 
@@ -101,13 +104,16 @@ def test_gold_score_normalises_whitespace_and_special_tokens():
     assert gold_score(prompt, "D A.") == gold_score(prompt, "D A .")
 
 
-def test_concise_correct_beats_sloppy_correct_beats_wrong():
+def test_correct_beats_wrong_and_length_counts_only_past_the_band():
     prompt = "reverse : a b c d ="  # target "d c b a"
-    concise, sloppy, slightly_wrong, wrong = "d c b a", "d c b a . hope this helps", "d b c a", "a b c d"
-    scores = [gold_score(prompt, answer) for answer in (concise, sloppy, slightly_wrong, wrong)]
-    assert scores[0] > scores[1] > scores[2] > scores[3]
-    # graded, not right/wrong: partial answers spread over many values
-    partial = ["d c b a", "d c b x", "d c x x", "d x x x", "d c b a .", "d c b a . ok", "d c b a . ok ok"]
+    concise, in_band, rambling, slightly_wrong, wrong = (
+        "d c b a", "d c b a . ok", "d c b a . hope this helps", "d b c a", "a b c d")
+    scores = [gold_score(prompt, answer) for answer in (concise, in_band, rambling, slightly_wrong, wrong)]
+    assert scores[0] == scores[1] > scores[2] > scores[3] > scores[4] == 0.0
+    # a shorter answer that drops a letter loses more than any in-band tail could
+    assert gold_score(prompt, "d c b") < gold_score(prompt, "d c b a . ok") - 0.5
+    # graded, not right/wrong: partial answers spread over several values
+    partial = ["d c b a", "d c b x", "d c x x", "d x x x", "d c b a . ok ok", "d c b a . ok ok ok"]
     assert len({gold_score(prompt, answer) for answer in partial}) == len(partial)
 
 
@@ -117,7 +123,7 @@ def test_rank_agrees_with_gold_score_and_breaks_ties_by_input_order():
     order = rank(prompt, answers)
     scores = [gold_score(prompt, answers[i]) for i in order]
     assert sorted(order) == list(range(len(answers))) and scores == sorted(scores, reverse=True)
-    assert order[:2] == [1, 5]  # the two "8" tie; input order decides
+    assert order[:3] == [1, 3, 5]  # "8", "8 . ok" and "8" tie (the tail is in the band); input order decides
     assert order.index(0) < order.index(2)
     assert rank(prompt, ["9 .", "7 ."]) == [0, 1] and rank(prompt, ["7 .", "9 ."]) == [0, 1]  # tie
 
@@ -132,7 +138,7 @@ def test_labeller_rejects_text_that_is_not_a_toy_prompt():
 # --- the demonstrations leave room for preference learning ---------------------------------------
 
 
-def test_demonstrations_are_imperfect_and_leave_headroom_on_brevity():
+def test_demonstrations_are_imperfect_and_leave_headroom_on_content_not_length():
     sft = make_records(ToyConfig(n_rm_prompts=1, n_rl_prompts=1, n_pretrain_texts=1))["sft"]
     judgements = [judge(r["prompt"], r["completion"]) for r in sft]
     assert all(gold_score(r["prompt"], " ".join(target_answer(r["prompt"]))) == 1.0 for r in sft)
@@ -141,8 +147,10 @@ def test_demonstrations_are_imperfect_and_leave_headroom_on_brevity():
     wrong_share = statistics.mean(j.correctness < 1 for j in judgements)
     sloppy_share = statistics.mean(j.extra_tokens > 0 for j in judgements)
     assert 0.1 < wrong_share < 0.3 and 0.5 < sloppy_share < 0.7  # ~0.2 and ~0.6 by construction
-    # an answer that stopped right away would gain: correctness alone beats the demonstrations
-    assert statistics.mean(j.correctness for j in judgements) > mean_gold + 0.05
+    # most of the headroom is content: the demonstrations' answers cut to the target's length (length
+    # factor 1) would gain ~0.04 (0.81 -> 0.85), while getting every answer right would gain ~0.15 more
+    content = statistics.mean((0.5 * j.correctness + 0.5 * (j.correctness == 1)) for j in judgements)
+    assert content - mean_gold < 0.05 and 1.0 - content > 0.1
 
 
 # --- tokenizer -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The data layer: record files in, padded batches with answer masks out.
 
     records = load_records("data/sft.jsonl", "sft")            # records.py: read + check each record
-    train, val = split_by_user(records, val_fraction=0.1, seed=0)  # split.py: no user on both sides
+    train = split_for("data/sft.jsonl").select(records, "train")  # split.py: one user split for all stages
     examples, report = tokenize_sft(train, tokenizer, max_length=512)  # tokenize.py: ids + answer_mask
     batch = pad_right([e["input_ids"] for e in examples[:8]], tokenizer.pad_token_id,
                       [e["answer_mask"] for e in examples[:8]])   # collate.py: tensors [B, S]
@@ -12,7 +12,8 @@ This package knows nothing of the stages; it imports only `rlhf.errors`.
 
 from rlhf.data.collate import IGNORE_INDEX, collate_rankings, pad_left, pad_right, shift_labels
 from rlhf.data.records import KINDS, RecordList, load_records
-from rlhf.data.split import split_by_user
+from rlhf.data.parts import load_parts
+from rlhf.data.split import PARTS, SPLIT_FILE, UserSplit, split_for
 from rlhf.data.tokenize import (
     DEFAULT_MIN_PROMPT_TOKENS,
     TruncationReport,
@@ -26,16 +27,20 @@ from rlhf.data.tokenize import (
 __all__ = [
     "DEFAULT_MIN_PROMPT_TOKENS",
     "IGNORE_INDEX",
+    "PARTS",
+    "SPLIT_FILE",
     "KINDS",
     "RecordList",
     "TruncationReport",
+    "UserSplit",
     "collate_rankings",
+    "load_parts",
     "load_records",
     "pad_left",
     "pad_right",
     "resolve_chat_template",
     "shift_labels",
-    "split_by_user",
+    "split_for",
     "tokenize_pretrain",
     "tokenize_prompts",
     "tokenize_rankings",

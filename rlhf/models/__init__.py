@@ -20,7 +20,7 @@ _SOURCES = {
     "ModelConfig": "rlhf.models.config",
     "RoleModel": "rlhf.models.roles",
     "ScalarHead": "rlhf.models.heads",
-    "last_true_index": "rlhf.models.roles",
+    "last_true_index": "rlhf.models.heads",
     "load_tokenizer": "rlhf.models.base",
 }
 __all__ = sorted(_SOURCES)
@@ -28,8 +28,8 @@ __all__ = sorted(_SOURCES)
 if TYPE_CHECKING:
     from rlhf.models.base import load_tokenizer
     from rlhf.models.config import ModelConfig
-    from rlhf.models.heads import ScalarHead
-    from rlhf.models.roles import RoleModel, last_true_index
+    from rlhf.models.heads import ScalarHead, last_true_index
+    from rlhf.models.roles import RoleModel
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

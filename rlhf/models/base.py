@@ -28,8 +28,11 @@ from rlhf.models.gguf_import import converted_gguf_dir
 log = logging.getLogger("rlhf.models")
 
 # LoRA targets for target_modules="auto": every attention and MLP projection (QLoRA: adapting all
-# linear layers is what matches full fine-tuning). Families not listed fall back to "all-linear".
+# linear layers is what matches full fine-tuning). MoE families: attention and the shared expert's
+# projections; the routed experts only when named (peft wraps them as parameters, without dropout
+# or the row-mixed forward). Families not listed fall back to "all-linear".
 _LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LORA_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "llama": _LLAMA_STYLE_TARGETS,
     "mistral": _LLAMA_STYLE_TARGETS,
@@ -37,7 +40,16 @@ LORA_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "qwen3": _LLAMA_STYLE_TARGETS,
     "gemma": _LLAMA_STYLE_TARGETS,
     "gemma2": _LLAMA_STYLE_TARGETS,
+    "gemma3_text": _LLAMA_STYLE_TARGETS,
+    "cohere": _LLAMA_STYLE_TARGETS,
+    "granite": _LLAMA_STYLE_TARGETS,
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused q/k/v and gate/up
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # c_proj names both the attention output and the MLP output
+    "qwen3_moe": _ATTENTION_TARGETS,  # no shared expert
+    "qwen2_moe": _ATTENTION_TARGETS + ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
+    "mixtral": _ATTENTION_TARGETS,
 }
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -234,8 +246,8 @@ def lora_target_modules(model: PreTrainedModel, setting: str | list[str]) -> str
     if preset is None:
         log.info("no LoRA target preset for model type %r; using all-linear", model.config.model_type)
         return "all-linear"
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [name for name in preset if name in present]
+    names = [name for name, _ in model.named_modules()]
+    targets = [target for target in preset if _matches(target, names)]
     return targets or "all-linear"
 
 
@@ -245,13 +257,38 @@ def has_conv1d(model: nn.Module) -> bool:
     return any(isinstance(module, Conv1D) for module in model.modules())
 
 
+def _matches(target: str, names: list[str]) -> bool:
+    """peft's rule: a target matches a dotted name that is it or ends with "." + it."""
+    return any(name == target or name.endswith("." + target) for name in names)
+
+
+def split_expert_parameters(model: PreTrainedModel, targets: str | list[str]) -> tuple[str | list[str], list[str]]:
+    """(module targets, parameter targets): names in an explicit list that match no module but a
+    parameter (MoE experts stored as one [experts, ...] tensor, e.g. Qwen3-MoE's
+    `experts.gate_up_proj`) go to peft's `target_parameters`."""
+    if not isinstance(targets, list):
+        return targets, []
+    # once peft wrapped a layer, its original weights sit under ".base_layer"
+    module_names = [name.replace(".base_layer", "") for name, _ in model.named_modules()]
+    parameter_names = [name.replace(".base_layer", "") for name, _ in model.named_parameters()]
+    parameters = [t for t in targets if not _matches(t, module_names) and _matches(t, parameter_names)]
+    return [t for t in targets if t not in parameters], parameters
+
+
 def new_lora_config(cfg: ModelConfig, model: PreTrainedModel) -> LoraConfig:
     """A fresh adapter's LoRA settings for this base (standard init: B = 0, so it starts as the base)."""
+    modules, parameters = split_expert_parameters(model, lora_target_modules(model, cfg.target_modules))
+    if parameters and cfg.lora_dropout != 0:
+        raise ModelError(
+            f"model.target_modules names expert parameters {parameters}, which peft adapts without dropout: "
+            f"set model.lora_dropout 0 (got {cfg.lora_dropout}) or leave the experts out"
+        )
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=lora_target_modules(model, cfg.target_modules),
+        target_modules=modules or None,
+        target_parameters=parameters or None,
         fan_in_fan_out=has_conv1d(model),
         bias="none",  # adapters add no biases, so disabling them gives the base exactly
         task_type="CAUSAL_LM",  # so PeftModel.from_pretrained(base, dir) rebuilds a PeftModelForCausalLM

@@ -52,7 +52,7 @@ def new_head(kind: str, hidden_size: int) -> ScalarHead:
             head.linear.weight.normal_(0.0, 1.0 / math.sqrt(hidden_size + 1))
         else:
             # ours: a fresh value head predicts 0 everywhere; InstructGPT starts it from the RM
-            # instead (RoleModel.copy_role("reward", "value") or add_role from the RM's directory)
+            # instead (RoleModel.add_role("value", adapter_dir=<the RM's directory>, head="value"))
             head.linear.weight.zero_()
         head.linear.bias.zero_()
     return head
@@ -71,3 +71,14 @@ def load_head_weights(head: ScalarHead, path: str | Path) -> None:
     if found != expected:
         raise ModelError(f"{path}: head tensors {found} do not fit this base (expected {expected})")
     head.load_state_dict(tensors)
+
+
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last True, [B] (the last real token under right or left padding).
+
+    A row with no True gives 0: callers that can meet empty rows check `mask.any(dim=-1)` (the
+    reward score refuses them; PPO's reward shaping adds nothing there).
+    """
+    mask = mask.to(torch.bool)  # [B, S]
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)  # [B, S]
+    return torch.where(mask, positions, 0).amax(dim=-1)  # [B]

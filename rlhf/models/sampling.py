@@ -94,3 +94,9 @@ def sample_with_cache(causal_lm, input_ids: torch.Tensor, attention_mask: torch.
     still_running = torch.cumsum((answers == eos_id).int(), dim=1) == 0  # [B, steps] True before the EOS
     needed = int(still_running.any(dim=0).sum()) + 1 if bool((answers == eos_id).any(dim=1).all()) else steps
     return torch.cat([input_ids, answers[:, :min(needed, steps)]], dim=1)  # [B, P + T']
+
+
+def check_left_padded(attention_mask: torch.Tensor, what: str) -> None:
+    """Sampling appends after the last column: every prompt must end there (left padding)."""
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError(f"{what} needs left-padded prompts: some rows end in padding")

@@ -16,17 +16,15 @@ from rlhf.optim_config import OptimConfig
 class PPOData:
     path: str = ""  # RL prompts, {"prompt"} records (InstructGPT: ~31k prompts, no labels)
     pretrain: str = ""  # {"text"} records for PPO-ptx; needed when ptx_coef > 0
-    val_fraction: float = 0.1  # ours: held-out users for evaluation (split by user id)
+    split: str = ""  # split.json: the train / tune / test users every stage shares (PPO and ptx train on train);
+    # "" = the split.json beside data.path (the toy world and `rlhf pipeline` write one), else hashed users
     max_prompt_length: int = 48  # ours: toy prompts are < 20 tokens; longer prompts keep their end
     max_pretrain_length: int = 64  # ours: toy pretraining texts are short
     use_chat_template: ChatTemplateSetting = "auto"  # ours: the model's own chat format whenever it has one; one
     # value for every stage, so the policy is trained and scored on the text it sees at rollout time
     skip_invalid: bool = False  # ours: fail loudly on bad records unless asked to skip and count
-    seed: int = 0  # the user-id split's seed: eval must use the same one to keep training users out
 
     def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_prompt_length < 1:
             raise ConfigError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
 
@@ -96,7 +94,9 @@ class PPOConfig:
     value_clip_eps: float = 0.2  # openai baselines / TRL cliprange_value 0.2
     vf_coef: float = 0.1  # TRL default; InstructGPT does not state its value-loss weight
     ptx_coef: float = 0.0  # InstructGPT PPO-ptx gamma = 27.8; 0 = plain PPO
-    ptx_batch_size: int = 8  # InstructGPT: about 8 pretraining examples per RL episode (per mini-batch here)
+    ptx_batch_size: int = 8  # ours: pretraining texts per mini-batch step. Per RL episode that is
+    # ptx_batch_size * ppo_epochs * (rollout.batch_size / mini_batch_size) / rollout.batch_size
+    # = 8 * 4 * 2 / 32 = 2 texts (InstructGPT: about 8 per episode; 32 here would match it at 4x the ptx cost)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, min_lr_ratio=1.0))
     # lr ours (toy world, LoRA): at 2e-4 PPO over-optimised the RM within 30 iterations (gold score
     # fell below SFT's), 1e-4 gained little, 5e-5 the most at the lowest KL; a constant rate (min_lr_ratio 1.0) as in lm-human-preferences; Adam eps 1e-5 (InstructGPT)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.data import load_records, split_by_user
+from rlhf.data import load_parts
 from rlhf.metrics import postfix
 from rlhf.models import RoleModel
 from rlhf.ppo.batches import PretrainBatches, PromptBatches
@@ -111,17 +111,16 @@ def train(cfg: PPOConfig) -> Path:
     with StageRun(cfg, "ppo", "PPO iteration", PPO_MEMORY_SETTINGS) as run:
         if run.finished:
             return run.out
-        prompts = load_records(cfg.data.path, "prompts", skip_invalid=cfg.data.skip_invalid)
-        train_prompts, _ = split_by_user(prompts, cfg.data.val_fraction, cfg.data.seed)  # held-out users: eval
+        # train users only: tune users serve choices, test users the reported evaluation (issue 15.1)
+        (train_prompts,) = load_parts(cfg.data.path, "prompts", ("train",), cfg.data.split, cfg.data.skip_invalid)
         model = build_roles(cfg, run.device, run.resume_from)
         prompt_batches = PromptBatches(train_prompts, model.tokenizer, cfg.rollout.batch_size,
                                        cfg.data.max_prompt_length, cfg.seed, run.device,
                                        cfg.data.use_chat_template)
         ptx_batches = None
         if cfg.ptx_coef > 0:
-            texts = load_records(cfg.data.pretrain, "pretrain", skip_invalid=cfg.data.skip_invalid)
             # the held-out texts measure the pretraining loss at evaluation, so ptx never trains on them
-            texts, _ = split_by_user(texts, cfg.data.val_fraction, cfg.data.seed)
+            (texts,) = load_parts(cfg.data.pretrain, "pretrain", ("train",), cfg.data.split, cfg.data.skip_invalid)
             ptx_batches = PretrainBatches(texts, model.tokenizer, cfg.ptx_batch_size, cfg.data.max_pretrain_length,
                                           cfg.seed, run.device)
         trainer = build_trainer(cfg, model, ptx_batches, run.guard, run.halver)

@@ -96,7 +96,7 @@ def answer_logprobs(model, role: str, rollout: Rollout, temperature: float) -> t
     hidden = answer_hidden(model, role, rollout)  # [B, T, H]
     logprobs = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
                                            answer_labels(rollout).reshape(-1), bias=model.lm_head_bias,
-                                           temperature=temperature)  # [B*T]
+                                           temperature=temperature, **model.logit_transform)  # [B*T]
     return logprobs.view_as(rollout.answer_mask)
 
 

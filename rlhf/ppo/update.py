@@ -58,7 +58,8 @@ def micro_batch_losses(model, mb: Rollout, cfg: PPOConfig, ptx: dict[str, torch.
     pg_loss, pg_stats = fused_linear_ppo_loss(
         hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight, answer_labels(mb).reshape(-1),
         mb.logprobs.reshape(-1), mb.advantages.reshape(-1), mb.answer_mask.reshape(-1),
-        bias=model.lm_head_bias, clip_eps=cfg.clip_eps, temperature=cfg.rollout.temperature)
+        bias=model.lm_head_bias, clip_eps=cfg.clip_eps, temperature=cfg.rollout.temperature,
+        **model.logit_transform)
     values = model.head("value")(answer_slice(hidden_states[1], mb))  # [b, T]
     v_loss, v_stats = ppo_value_loss(values.float(), mb.values, mb.returns, mb.answer_mask,
                                      clip_eps=cfg.value_clip_eps)
@@ -73,7 +74,8 @@ def ptx_nll_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     hidden states [b, L, H] and the shifted labels [b, L] (-100: not predicted). Sampling temperature
     plays no part: this is the pretraining likelihood itself."""
     logprobs = fused_linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight,
-                                           labels.reshape(-1), bias=model.lm_head_bias)  # [b * L], 0 at -100
+                                           labels.reshape(-1), bias=model.lm_head_bias,
+                                           **model.logit_transform)  # [b * L], 0 at -100
     return -logprobs.sum()
 
 

@@ -28,6 +28,7 @@ other and every split goes by user id, as InstructGPT's does.
                     pipeline's labeller samples the SFT policy on (rm_labels=sampled)
     prompts.jsonl   {"prompt", "user_id"}: RL prompts; the held-out users' ones are the evaluation set
     pretrain.jsonl  {"text"}: plain statements of the same facts, for PPO-ptx and the pretraining loss
+    split.json      the users of each part ("train" / "tune" / "test") that every stage reads
     task.json       written last: {"task", "gold", "config", "counts"}; "gold" names the judge that
                     `rlhf pipeline` labels and evaluates with
 
@@ -53,6 +54,8 @@ KINDS = ("add", "sort", "list", "lowercase", "capital", "uppercase")
 OPENERS = (None, "Quick question:", "Please help.", "Hi!", "I need this for school.")
 FAVOURITE_KIND_WEIGHT = 0.6  # ours: a user's favourite kind takes 60% of their prompts
 MANIFEST = "task.json"
+TUNE_FRACTION = 0.1  # ours: 4 of the default 40 users for choices (learning rate, ptx_coef) and validation
+TEST_FRACTION = 0.15  # ours: 6 users (~75 RL prompts) only the reported evaluation sees
 RECORD_FILES = {"sft": "sft.jsonl", "rankings": "rankings.jsonl", "prompts": "prompts.jsonl",
                 "pretrain": "pretrain.jsonl"}
 
@@ -240,6 +243,12 @@ def write_instruction_task(out_dir: str | os.PathLike, cfg: InstructionTaskConfi
     records = make_records(cfg)
     for name, file in RECORD_FILES.items():
         _write_atomic(root / file, "".join(json.dumps(record) + "\n" for record in records[name]))
+    # the one train / tune / test split of the users that every stage and eval read (rlhf/data/split.py;
+    # imported here: rlhf.data's package imports torch, and `rlhf instructions --help` must not)
+    from rlhf.data.split import SPLIT_FILE, UserSplit
+
+    users = [user.user_id for user in make_users(cfg.n_users, cfg.seed)]
+    UserSplit.for_users(users, cfg.seed, TUNE_FRACTION, TEST_FRACTION).write(root / SPLIT_FILE)
     manifest = {"task": "instructions", "gold": "instructions", "config": settings,
                 "counts": {name: len(rows) for name, rows in records.items()}}
     _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")

@@ -7,7 +7,7 @@ from rlhf.toy.write import ToyWorld, write_toy_world
 
 
 def write_toy_world_from_config(cfg: ToyRunConfig) -> ToyWorld:
-    world = write_toy_world(cfg.out_dir, cfg.world, overwrite=cfg.overwrite)
+    world = write_toy_world(cfg.out_dir, cfg.toy, overwrite=cfg.overwrite)
     print(f"toy world in {world.root}: sft={world.sft.name} rankings={world.rankings.name} "
           f"prompts={world.prompts.name} pretrain={world.pretrain.name} model={world.model}")
     return world

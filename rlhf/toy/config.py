@@ -88,4 +88,4 @@ class ToyConfig:
 class ToyRunConfig:
     out_dir: str = "runs/toy"  # the world: sft, rankings, prompts and pretrain .jsonl files and model/
     overwrite: bool = False  # rewrite a world written with another config
-    world: ToyConfig = field(default_factory=ToyConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)

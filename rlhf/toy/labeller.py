@@ -8,23 +8,27 @@ first `<eos>` and any `<bos>`/`<pad>` are ignored) against the target answer of 
                       over the first len(target) tokens (a missing token counts as wrong);
         add:          closeness of the first token to the sum, max(0, 1 - |n - sum| / 4)
                       (0 when it is not a number).
-    extra        = tokens beyond the target's length (filler such as "ok done", a trailing ".", or
-                   whatever a model emits instead of stopping)
-    conciseness  = 1 / (1 + 0.5 * extra)           in (0, 1]; 1 means "the answer alone, then stop"
-    gold_score   = correctness * (0.6 + 0.4 * conciseness)     in [0, 1]
+    content      = 0.5 * correctness + 0.5 * [correctness == 1]     a fully correct answer is worth
+                   twice a nearly correct one: getting it right is what the task is about
+    extra        = tokens beyond the target's length
+    length       = 1 while extra <= 2 (the answer, then "." and a word, or any two tokens: neutral),
+                   then 1 / (1 + 0.25 * (extra - 2)): rambling, or never stopping, costs
+    gold_score   = content * length                                  in [0, 1]
 
-So correct+concise (1.0) > correct+sloppy ("a b c ok done": 0.8) > wrong, and brevity earns
-nothing on its own: an empty or wrong answer scores 0 however short it is. Scores are rounded to
-6 decimals so that answers which are equally good tie exactly; `rank` breaks ties by input order.
+Length alone cannot win: a short answer scores only for what it gets right (an empty or wrong answer
+scores 0 however short), and within the band of 2 extra tokens length changes nothing, so a policy
+(or a reward model) that only learns "stop early" gains nothing on the answers SFT already ends
+properly. Scores are rounded to 6 decimals so that answers which are equally good tie exactly; `rank`
+breaks ties by input order.
 """
 
 from dataclasses import dataclass
 
 from rlhf.toy.tasks import parse_prompt, split_words
 
-CORRECTNESS_WEIGHT = 0.6  # ours: a correct answer keeps at least 0.6 however sloppy it is
-CONCISENESS_WEIGHT = 1.0 - CORRECTNESS_WEIGHT
-EXTRA_TOKEN_COST = 0.5  # ours: one filler token costs 1/3 of conciseness, two cost 1/2
+FULLY_CORRECT_BONUS = 0.5  # ours: half the content score is for getting the whole answer right
+FREE_EXTRA_TOKENS = 2  # ours: "a b c ." and "a b c . ok" are as good as "a b c"
+EXTRA_TOKEN_COST = 0.25  # ours: past the band, 4 more tokens halve the score
 NUMBER_TOLERANCE = 4  # ours: an off-by-one sum keeps 3/4 of the correctness, off by 4 keeps none
 
 
@@ -33,9 +37,9 @@ class Judgement:
     """The gold labeller's view of one answer: the two qualities and the score they make."""
 
     correctness: float  # in [0, 1]
-    conciseness: float  # in (0, 1]
+    conciseness: float  # the length factor in (0, 1]; 1 within the band of FREE_EXTRA_TOKENS
     extra_tokens: int  # tokens beyond the target's length
-    score: float  # correctness * (0.6 + 0.4 * conciseness), rounded to 6 decimals
+    score: float  # (0.5 * correctness + 0.5 * fully correct) * conciseness, rounded to 6 decimals
 
 
 def answer_words(answer: str) -> list[str]:
@@ -61,8 +65,9 @@ def judge(prompt: str, answer: str) -> Judgement:
     else:
         correctness = sum(got == want for got, want in zip(words, target)) / len(target)
     extra_tokens = max(0, len(words) - len(target))
-    conciseness = 1.0 / (1.0 + EXTRA_TOKEN_COST * extra_tokens)
-    score = correctness * (CORRECTNESS_WEIGHT + CONCISENESS_WEIGHT * conciseness)
+    conciseness = 1.0 / (1.0 + EXTRA_TOKEN_COST * max(0, extra_tokens - FREE_EXTRA_TOKENS))
+    content = (1.0 - FULLY_CORRECT_BONUS) * correctness + FULLY_CORRECT_BONUS * (correctness == 1.0)
+    score = content * conciseness
     return Judgement(correctness, conciseness, extra_tokens, round(score, 6))
 
 

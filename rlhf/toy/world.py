@@ -147,13 +147,13 @@ def candidate_answers(task: Task, args: list[str], rng: random.Random) -> list[s
     """A varied pool of distinct answers to rank: {correct, 1-3 errors} x {concise, sloppy tails}.
 
     The cores always include one with a single substituted letter, so even a 2-letter prompt has
-    three correctness levels (1, 0.5, 0) and, with tails of 0..5 extra tokens, at least 13 distinct
-    scores (all fully wrong answers score 0).
+    three correctness levels (1, 0.5, 0) and, with tails of 0..7 extra tokens (six length factors:
+    0..2 extra tokens are one), at least 13 distinct scores (all fully wrong answers score 0).
     """
     target = task.solve(args)
     cores = [target, corrupt(task, target, rng, 1, kinds=("substitute",))]
     cores += [corrupt(task, target, rng, n_errors) for n_errors in (1, 2, 3)]
-    tails = [[], [FULL_STOP]] + [[FULL_STOP, *filler(rng, n_tokens)] for n_tokens in (1, 2, 3, 4)]
+    tails = [[], [FULL_STOP]] + [[FULL_STOP, *filler(rng, n_tokens)] for n_tokens in (1, 2, 3, 4, 5, 6)]
     tails += [filler(rng, n_tokens) for n_tokens in (1, 2)]
     pool = [" ".join(core + tail) for core in cores for tail in tails]
     return list(dict.fromkeys(pool))

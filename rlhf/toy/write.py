@@ -1,6 +1,7 @@
 """`write_toy_world`: the entry point behind `rlhf toy --out DIR`.
 
-DIR gets `sft.jsonl`, `rankings.jsonl`, `prompts.jsonl`, `pretrain.jsonl`, a pretrained tiny model
+DIR gets `sft.jsonl`, `rankings.jsonl`, `prompts.jsonl`, `pretrain.jsonl`, `split.json` (the one
+train / tune / test split of the world's users that every stage reads), a pretrained tiny model
 plus tokenizer in `model/`, `pretrain_metrics.jsonl`, and last `toy_world.json` (the config, record
 counts and pretraining figures). Every file is written to a temporary name and renamed into place,
 and `toy_world.json` only after all the rest, so a crash never leaves a world that looks complete.
@@ -15,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.data.split import SPLIT_FILE, UserSplit
 from rlhf.errors import ConfigError
 from rlhf.toy.config import ToyConfig
 from rlhf.toy.pretrain import pretrain_base
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 MANIFEST = "toy_world.json"
 RECORD_FILES = {"sft": "sft.jsonl", "rankings": "rankings.jsonl", "prompts": "prompts.jsonl",
                 "pretrain": "pretrain.jsonl"}
+TUNE_FRACTION = 0.1  # ours: 6 of the default 60 users for choices (learning rate, ptx_coef) and validation
+TEST_FRACTION = 0.1  # ours: 6 users (~100 RL prompts) only the reported evaluation sees
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,13 @@ class ToyWorld:
     prompts: Path  # {"prompt", "user_id"}
     pretrain: Path  # {"text"}
     model: Path  # a Hugging Face model dir: LlamaForCausalLM + tokenizer
+    split: Path  # split.json: the users of each part, "train" / "tune" / "test"
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> "ToyWorld":
         root = Path(root)
-        return cls(root=root, model=root / "model", **{name: root / file for name, file in RECORD_FILES.items()})
+        return cls(root=root, model=root / "model", split=root / SPLIT_FILE,
+                   **{name: root / file for name, file in RECORD_FILES.items()})
 
     @property
     def manifest_path(self) -> Path:
@@ -53,7 +59,7 @@ class ToyWorld:
         return json.loads(self.manifest_path.read_text())
 
     def is_complete(self) -> bool:
-        paths = [self.sft, self.rankings, self.prompts, self.pretrain, self.model / "config.json"]
+        paths = [self.sft, self.rankings, self.prompts, self.pretrain, self.split, self.model / "config.json"]
         return self.manifest_path.is_file() and all(path.exists() for path in paths)
 
 
@@ -113,6 +119,8 @@ def write_toy_world(
     records = make_records(cfg)
     for name, file in RECORD_FILES.items():
         _write_jsonl(world.root / file, records[name])
+    users = {record["user_id"] for name in ("sft", "rankings", "prompts") for record in records[name]}
+    UserSplit.for_users(users, cfg.seed, TUNE_FRACTION, TEST_FRACTION).write(world.split)
     logger.info("toy world: wrote %s to %s",
                 ", ".join(f"{len(records[name])} {file}" for name, file in RECORD_FILES.items()), world.root)
 
