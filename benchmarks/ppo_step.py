@@ -23,8 +23,13 @@ rewards + GAE, update = the PPO epochs incl. ptx). Tokens/s = answer tokens of t
 Memory: CUDA max_memory_allocated / max_memory_reserved since after loading (reset_peak_memory_stats),
 and the worker process's peak resident set (ru_maxrss, loading included).
 
+With `--model DIR` a local model replaces the random shape: its own tokenizer and chat template over
+real prompts (the instruction task's, or `--prompts FILE`), cut to rows of exactly --prompt-len tokens
+that end where a prompt ends (benchmarks/real_prompts.py), the same rows for both providers.
+
 Usage:
   python -m benchmarks.ppo_step --smoke                              # tiny, CPU, seconds
+  python -m benchmarks.ppo_step --model models/smollm2-135m-instruct --prompt-len 64 --peer trl --rounds 4
   python -m benchmarks.ppo_step --shape tiny --peer trl              # issue 8's CPU comparison
   python -m benchmarks.ppo_step --shape tiny --quantization none --peer trl
   python -m benchmarks.ppo_step --shape tiny --peer trl --rounds 4   # alternating rounds, paired ratios
@@ -54,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.real_prompts import model_summary, write_prompt_rows
 from benchmarks._common import (ROOT, SHAPES, build_model_dir, environment, package_version, peak_rss_mib,
                      percentile_summary, prompt_texts, shape_from_json, shape_to_json, write_json)
 
@@ -75,7 +81,7 @@ def run_ours(settings: dict) -> dict:
     from rlhf.ppo.batches import PretrainBatches, PromptBatches
     from rlhf.ppo.config import PPOConfig, PPOData, RolloutConfig
     from rlhf.ppo.loop import build_trainer, ppo_iteration
-    from rlhf.training import set_seed
+    from rlhf.training import MicroBatchHalver, NonFiniteGuard, set_seed
 
     from rlhf import distributed
 
@@ -83,7 +89,6 @@ def run_ours(settings: dict) -> dict:
     distributed.init()  # several processes: each on its own device, sampling B / N prompts
     device = distributed.place(torch.device(settings["device"]))
     B, T, P = settings["batch"], settings["answer_len"], settings["prompt_len"]
-    vocab = shape_from_json(settings["shape"]).vocab
     cfg = PPOConfig(
         model=ModelConfig(path=settings["model_dir"], quantization=settings["quantization"],
                           lora_r=settings["lora_r"], lora_alpha=2.0 * settings["lora_r"],
@@ -110,15 +115,22 @@ def run_ours(settings: dict) -> dict:
 
     model.sample = fixed_length_sample
     n_prompts = B * cfg.iterations
-    prompts = PromptBatches([{"prompt": text, "source": f"bench:{i}", "user_id": None}
-                             for i, text in enumerate(prompt_texts(n_prompts, P, vocab, seed=0))],
-                            model.tokenizer, B, P, seed=0, device=device)
+    if settings.get("prompt_ids"):  # --model: real prompts, already tokenised to exactly P ids each
+        prompts = FixedPrompts(json.loads(Path(settings["prompt_ids"]).read_text()), B, device)
+        texts = settings["ptx_texts"]
+    else:
+        vocab = shape_from_json(settings["shape"]).vocab
+        prompts = PromptBatches([{"prompt": text, "source": f"bench:{i}", "user_id": None}
+                                 for i, text in enumerate(prompt_texts(n_prompts, P, vocab, seed=0))],
+                                model.tokenizer, B, P, seed=0, device=device)
+        texts = prompt_texts(cfg.ptx_batch_size * 4, settings["ptx_len"] - 1, vocab, seed=1)  # + EOS
     ptx = None
     if cfg.ptx_coef > 0:
-        texts = prompt_texts(cfg.ptx_batch_size * 4, settings["ptx_len"] - 1, vocab, seed=1)  # + EOS
         ptx = PretrainBatches([{"text": t, "source": f"bench-ptx:{i}", "user_id": None} for i, t in enumerate(texts)],
                               model.tokenizer, cfg.ptx_batch_size, settings["ptx_len"], seed=0, device=device)
-    trainer = build_trainer(cfg, model, ptx)
+    # the stage runner's guards, as `rlhf ppo` builds them (rlhf/stage_run.py)
+    trainer = build_trainer(cfg, model, ptx, NonFiniteGuard(cfg.max_nonfinite_in_a_row),
+                            MicroBatchHalver(cfg.micro_batch_size, False, "PPO iteration", []))
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize()
@@ -140,6 +152,18 @@ def run_ours(settings: dict) -> dict:
     if settings.get("profile"):
         out["profile"] = profile_iteration(cfg, model, trainer, prompts.batch(0), cfg.iterations, device)
     return out
+
+
+class FixedPrompts:
+    """Prompt rows of one length (benchmarks/real_prompts.py), served in order: batch i is rows iB..iB+B-1."""
+
+    def __init__(self, rows: list[list[int]], batch_size: int, device: torch.device):
+        self.rows, self.batch_size, self.device = rows, batch_size, device
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = (iteration * self.batch_size) % len(self.rows)
+        ids = torch.tensor([self.rows[(start + i) % len(self.rows)] for i in range(self.batch_size)])  # [B, P]
+        return ids.to(self.device), torch.ones_like(ids).to(self.device)
 
 
 PROFILE_LABELS = {  # function in its module's namespace -> the label its time is reported under
@@ -385,7 +409,8 @@ def print_profile(label: str, prof: dict) -> None:
 
 
 def settings_from(args, model_dir: Path, device: torch.device) -> dict:
-    return {"shape": shape_to_json(SHAPES[args.shape]), "shape_name": args.shape, "model_dir": str(model_dir),
+    shape = None if args.model else shape_to_json(SHAPES[args.shape])
+    return {"shape": shape, "shape_name": args.shape if shape else model_dir.name, "model_dir": str(model_dir),
             "device": str(device), "quantization": args.quantization, "lora_r": args.lora_r, "batch": args.batch,
             "mini_batch": args.mini_batch or args.batch,
             "micro_batch": args.micro_batch or args.mini_batch or args.batch,
@@ -424,6 +449,10 @@ def parse_args(argv=None):
     parser.add_argument("--peer", choices=["trl"], help="also run TRL 1.12 (as shipped and without gc.collect)")
     parser.add_argument("--providers", nargs="+", choices=sorted(LABELS), help="override the provider list")
     parser.add_argument("--model-dir", help="reuse (or create) the random model here instead of a temp dir")
+    parser.add_argument("--model", help="a local Hugging Face model dir to benchmark instead of --shape: its own "
+                                        "tokenizer (and chat template) over real prompts (benchmarks/real_prompts.py)")
+    parser.add_argument("--prompts", help="with --model: a prompts file ({\"prompt\"} records); default: the "
+                                          "instruction task's RL prompts")
     parser.add_argument("--out", help="JSON path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--num_processes", type=int, default=1,
@@ -436,6 +465,10 @@ def parse_args(argv=None):
         parser.error("--num_processes runs ours only (TRL's peer here is single-process); drop --peer / trl providers")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.prompts and not args.model:
+        parser.error("--prompts needs --model (the synthetic shapes use synthetic prompts)")
+    if args.model and args.smoke:
+        parser.error("--smoke runs the tiny synthetic shape; give --model with small --batch/--answer-len instead")
     if args.smoke:
         args.shape, args.batch, args.answer_len, args.prompt_len = "tiny", 4, 8, 8
         args.ppo_epochs, args.iterations, args.warmup, args.ptx_batch, args.ptx_len = 2, 2, 1, 2, 16
@@ -458,8 +491,16 @@ def main(argv=None):
     providers = args.providers or (["ours", "ours-noptx", "trl", "trl-nogc"] if args.peer else ["ours"])
     with tempfile.TemporaryDirectory(prefix="ppo_step-") as tmp:
         workdir = Path(tmp)
-        model_dir = build_model_dir(SHAPES[args.shape], Path(args.model_dir) if args.model_dir else workdir / "model")
-        settings = settings_from(args, model_dir, device)
+        if args.model:
+            model_dir = Path(args.model)
+            settings = settings_from(args, model_dir, device)
+            n_rows = args.batch * (args.warmup + args.iterations)
+            settings.update(write_prompt_rows(model_dir, args.prompts, args.prompt_len, n_rows,
+                                              workdir / "prompt_ids.json"))
+        else:
+            model_dir = Path(args.model_dir) if args.model_dir else workdir / "model"
+            model_dir = build_model_dir(SHAPES[args.shape], model_dir)
+            settings = settings_from(args, model_dir, device)
         rounds: dict[str, list[dict]] = {provider: [] for provider in providers}
         for round_index in range(args.rounds):
             # every other round runs the providers in reverse order, so a machine that speeds up or slows
@@ -486,7 +527,13 @@ def main(argv=None):
     print(f"device: {env['device']} | torch {env['torch']} | transformers {env['transformers']} | peft {env['peft']} "
           f"| bitsandbytes {env['bitsandbytes']} | trl {env['trl']} | commit {env['commit']}")
     s = settings
-    print(f"shape {args.shape} ({SHAPES[args.shape]}) | {s['quantization']} | LoRA r={s['lora_r']} "
+    if args.model:
+        described = (f"model {args.model} ({model_summary(Path(args.model))}), prompts: {s['prompts_source']} "
+                     f"(chat template: {s['chat_template']}, mean {s['mean_prompt_tokens']:.0f} tokens, "
+                     f"cut to the last {s['prompt_len']})")
+    else:
+        described = f"shape {args.shape} ({SHAPES[args.shape]})"
+    print(f"{described} | {s['quantization']} | LoRA r={s['lora_r']} "
           f"| batch {s['batch']} "
           f"(mini {s['mini_batch']}, micro {s['micro_batch']}) | prompt {s['prompt_len']} + answer {s['answer_len']} "
           f"tokens | {s['ppo_epochs']} PPO epochs | ptx_coef {s['ptx_coef']} x {s['ptx_batch']} rows of "
@@ -510,11 +557,15 @@ def main(argv=None):
     if any(p.startswith("trl") for p in providers):
         print("TRL cannot express: ptx (compare 'ours (PPO, no ptx)'), one shared base for the four roles (its "
               "reward and value models are separate copies of the base), value initialised from the RM.")
-    default = f"ppo_step-{args.shape}-{args.quantization}-{device.type}{'-smoke' if args.smoke else ''}.json"
+    default = (f"ppo_step-{settings['shape_name']}-{args.quantization}-{device.type}"
+               f"{'-smoke' if args.smoke else ''}.json")
     out = Path(args.out or ROOT / "benchmarks" / "results" / default)
+    model_record = ({"model": model_summary(Path(args.model))} if args.model
+                    else {"shape": asdict(SHAPES[args.shape]), "params": SHAPES[args.shape].params()})
     write_json(out, {**env, "mode": "smoke" if args.smoke else "full",
-                     "settings": {k: v for k, v in settings.items() if k != "model_dir"},
-                     "shape": asdict(SHAPES[args.shape]), "params": SHAPES[args.shape].params(),
+                     "settings": {k: v for k, v in settings.items()
+                                  if k not in ("model_dir", "ptx_texts", "prompt_ids")},
+                     **model_record,
                      "labels": LABELS, "results": results})
     print(f"wrote {out}")
     if any("error" in r for r in results.values()):

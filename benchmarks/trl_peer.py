@@ -96,7 +96,6 @@ def run(settings: dict, no_gc: bool) -> dict:
     B, T, P = settings["batch"], settings["answer_len"], settings["prompt_len"]
     mini, micro = settings["mini_batch"], settings["micro_batch"]
     n_iter = settings["warmup"] + settings["iterations"]
-    vocab = shape_from_json(settings["shape"]).vocab
     torch.manual_seed(0)
 
     t_load = time.perf_counter()
@@ -107,7 +106,11 @@ def run(settings: dict, no_gc: bool) -> dict:
     reward_model = scalar_model(settings, device, trainable=False)
     load_s = time.perf_counter() - t_load
 
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(B * n_iter, P, vocab, seed=0)]
+    if settings.get("prompt_ids"):  # --model: real prompts, tokenised once by the orchestrator (same rows as ours)
+        ids = json.loads(Path(settings["prompt_ids"]).read_text())[:B * n_iter]
+    else:
+        vocab = shape_from_json(settings["shape"]).vocab
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(B * n_iter, P, vocab, seed=0)]
     assert all(len(x) == P for x in ids), "prompts must be exactly prompt_len tokens"
     dataset = Dataset.from_dict({"input_ids": ids})
 

@@ -7,7 +7,8 @@ Rows (each from answers sampled with a fixed seed, the same prompts for every ro
   with the analytic bound log n - (n - 1) / n beside it (`rlhf.eval_stats`);
 - sft_t<T>: the SFT policy sampled at a lower temperature T (no RM at all);
 - every RL policy given (`policies`, `policy_dir`; a run dir or one of its checkpoints).
-Columns: rm_score (the proxy), gold_score (the toy world's judge, where there is one) with a 95%
+Columns: rm_score (the proxy), gold_score (a named gold judge, rlhf.judges: toy or
+instructions, where there is one) with a 95%
 bootstrap interval over prompts, win_rate_vs_sft (every answer against every SFT answer to the same
 prompt, ties 1/2) and gold_gain (gold minus SFT's gold, per prompt) with intervals, kl_to_sft (k1:
 sum_t log pi(y_t) - log pi_SFT(y_t) on its own samples, nats), answer_length, cut_short (no EOS), the
@@ -31,6 +32,7 @@ from rlhf.config import save_config, validate
 from rlhf.data import load_parts, pad_left, pad_right, shift_labels, tokenize_pretrain, tokenize_prompts
 from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig, EvalData  # noqa: F401  (re-exported: `from rlhf.eval import EvalConfig`)
+from rlhf.judges import gold_judge
 from rlhf.eval_plot import plot_gold_vs_kl
 from rlhf.eval_stats import (best_of_n_kl_bound, best_of_n_kl_estimate, best_of_n_pick, bootstrap_ci,
                              win_rate_per_prompt)
@@ -45,15 +47,15 @@ log = logging.getLogger("rlhf.eval")
 
 
 def _gold_judge(kind: str):
-    """The gold score function (prompt, answer) -> float, or None without a gold labeller."""
-    if kind == "toy":
-        from rlhf.toy import gold_score
-        return gold_score
-    return None
+    """The named gold judge's `gold_score` (rlhf.judges), or None for "none"."""
+    return None if kind == "none" else gold_judge(kind).gold_score
+
+
+DETAIL_KEYS = ("fully_correct", "correctness", "extra_tokens", "form")  # the parts gold judges report
 
 
 def _gold_details(kind: str):
-    """(prompt, answer) -> {"fully_correct", "correctness", "extra_tokens"}: what a gold score is made of."""
+    """(prompt, answer) -> {"fully_correct", "correctness", "extra_tokens" or "form"}: what a gold score is made of."""
     if kind == "toy":
         from rlhf.toy import judge
 
@@ -62,6 +64,13 @@ def _gold_details(kind: str):
             return {"fully_correct": float(j.correctness == 1.0), "correctness": j.correctness,
                     "extra_tokens": float(j.extra_tokens)}
         return details
+    if kind == "instructions":  # content plays correctness's part; form is the instruction's format
+        from rlhf.tasks.instruction_judge import judge as instruction_judge
+
+        def instruction_details(prompt: str, answer: str) -> dict[str, float]:
+            j = instruction_judge(prompt, answer)
+            return {"fully_correct": float(j.content == 1.0), "correctness": j.content, "form": j.form}
+        return instruction_details
     return None
 
 
@@ -142,11 +151,12 @@ def summarise(samples: Samples, prompts: list[dict], judge, details, sft_gold: l
     values["gold"] = [[judge(p["prompt"], a) for a in answers] for p, answers in zip(prompts, samples.answers)]
     if details is not None:
         judged = [[details(p["prompt"], a) for a in answers] for p, answers in zip(prompts, samples.answers)]
-        for key in ("fully_correct", "correctness", "extra_tokens"):
-            values[key] = [[d[key] for d in answers] for answers in judged]
+        for key in DETAIL_KEYS:
+            if key in judged[0][0]:  # each judge reports the parts it has
+                values[key] = [[d[key] for d in answers] for answers in judged]
     per_prompt_gold = [sum(g) / len(g) for g in values["gold"]]
     row["gold_score"], *row["gold_ci"] = bootstrap_ci(per_prompt_gold, **ci)
-    for key in ("fully_correct", "correctness", "extra_tokens"):
+    for key in DETAIL_KEYS:
         if key in values:
             row[key] = _mean(values[key])
     if sft_gold is not None:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from rlhf.config import ChatTemplateSetting, require_model_source, require_path
 from rlhf.errors import ConfigError
+from rlhf.judges import GOLD_JUDGES
 from rlhf.models.config import ModelConfig
 from rlhf.stage_dirs import adapter_dir
 
@@ -37,7 +38,8 @@ class EvalConfig:
     policy_dir: str = ""  # one policy run to compare with SFT ("" = SFT alone)
     policies: dict[str, str] = field(default_factory=dict)  # more policies: {name: run dir}
     out_dir: str = "runs/eval"  # eval.json is written here
-    gold: Literal["toy", "none"] = "none"  # "toy": the toy world's gold labeller judges answers; "none": no gold column
+    gold: Literal["toy", "instructions", "none"] = "none"  # a gold judge of rlhf.judges ("toy": the toy world's,
+    # "instructions": the instruction task's) scores answers; "none": no gold column
     max_new_tokens: int = 16  # longest sampled answer; the pipeline passes PPO's rollout.max_new_tokens
     temperature: float = 1.0  # sampling temperature for every policy (1.0: the policies themselves)
     answers_per_prompt: int = 4  # ours: samples per held-out prompt, averaged (less sampling noise)
@@ -51,8 +53,8 @@ class EvalConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
 
     def validate(self) -> None:
-        if self.gold not in ("toy", "none"):
-            raise ConfigError(f"gold must be 'toy' or 'none', got {self.gold!r}")
+        if self.gold != "none" and self.gold not in GOLD_JUDGES:
+            raise ConfigError(f"gold must be one of {[*GOLD_JUDGES, 'none']}, got {self.gold!r}")
         if self.answers_per_prompt < 1:
             raise ConfigError(f"answers_per_prompt must be >= 1, got {self.answers_per_prompt}")
         if any(n < 1 for n in self.best_of_n):

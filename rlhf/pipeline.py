@@ -7,7 +7,7 @@ finished stages and resumes an unfinished one from its newest checkpoint.
     <out>/toy/                 the toy world (data + pretrained base + split.json), when no data was given
     <out>/split.json           the train / tune / test users every stage reads (your data, no split given)
     <out>/sft/                 policy adapter (later the frozen reference)
-    <out>/rm_rankings.jsonl    K SFT samples per RM prompt, ranked by the labeller
+    <out>/rm_rankings.jsonl    K SFT samples per RM prompt, ranked by the gold judge (`gold`, rlhf.judges)
     <out>/rm/                  reward adapter + head
     <out>/ppo/, <out>/ppo_ptx/ policy and value adapters
     <out>/eval.json            the evaluation table (test users), with gold_vs_kl.png beside it
@@ -23,6 +23,7 @@ from rlhf import distributed
 from rlhf.config import require_path, save_config, validate
 from rlhf.data import SPLIT_FILE, UserSplit, load_records
 from rlhf.eval import evaluate
+from rlhf.judges import gold_judge
 from rlhf.models import ModelConfig
 from rlhf.pipeline_config import PipelineConfig, PipelineData  # noqa: F401  (re-exported)
 from rlhf.ppo import train as train_ppo
@@ -30,7 +31,7 @@ from rlhf.reward import train as train_rm
 from rlhf.sft import train as train_sft
 from rlhf.stage_dirs import is_done
 from rlhf.training import resolve_device
-from rlhf.toy import gold_score, write_toy_world
+from rlhf.toy import write_toy_world
 
 log = logging.getLogger("rlhf.pipeline")
 
@@ -90,6 +91,7 @@ def run(cfg: PipelineConfig) -> dict:
         if not rm_data.exists():
             from rlhf.labelling import sample_rankings
 
+            gold_score = gold_judge(cfg.gold_judge()).gold_score  # the gold judge labels, as InstructGPT's did
             sample_rankings(_model(cfg, cfg.rm.model, model_path), sft_dir, rankings, rm_data, gold_score, k=cfg.rm_k,
                             max_new_tokens=cfg.ppo.rollout.max_new_tokens, seed=cfg.rm.seed,
                             max_prompt_length=cfg.ppo.data.max_prompt_length, device=device,
@@ -116,7 +118,7 @@ def run(cfg: PipelineConfig) -> dict:
     return evaluate(dataclasses.replace(
         cfg.eval, model=_model(cfg, cfg.eval.model, model_path), out_dir=str(out), sft_dir=str(sft_dir),
         rm_dir=str(rm_dir), policies={v: str(out / v) for v in cfg.ppo_variants},
-        gold="toy" if cfg.uses_toy() else cfg.eval.gold, device=device,
+        gold=cfg.gold_judge(), device=device,
         max_new_tokens=cfg.ppo.rollout.max_new_tokens,
         data=dataclasses.replace(cfg.eval.data, path=str(prompts), pretrain=str(pretrain), split=str(split),
                                  use_chat_template=cfg.use_chat_template)))

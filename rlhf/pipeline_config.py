@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from rlhf.config import ChatTemplateSetting, require_path
 from rlhf.errors import ConfigError
 from rlhf.eval_config import EvalConfig
+from rlhf.judges import GOLD_JUDGES
 from rlhf.ppo.config import PPOConfig
 from rlhf.reward_config import RMConfig
 from rlhf.sft_config import SFTConfig
@@ -36,6 +39,7 @@ class PipelineData:
 
 
 DATA_FILES = ("sft", "rankings", "prompts", "pretrain")  # <name>.jsonl in data.dir, as the toy world writes them
+TASK_MANIFEST = "task.json"  # in data.dir: {"gold": judge name, ...}, written by `rlhf instructions`
 
 
 @dataclass
@@ -64,6 +68,8 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # "auto": cuda when available, else cpu; passed to every stage
+    gold: str = ""  # the gold judge (rlhf.judges) that ranks the RM's samples and scores eval: "" = the toy
+    # world's for the toy world, else the one data.dir's task.json names (rlhf instructions writes one)
 
     def validate(self) -> None:
         if self.rm_labels not in ("sampled", "file"):
@@ -87,9 +93,25 @@ class PipelineConfig:
             raise ConfigError("with model_path set, give data.sft, data.prompts and data.pretrain too, or "
                               f"--data DIR holding {', '.join(f + '.jsonl' for f in DATA_FILES)} "
                               "(or none of them, to run the toy world)")
-        if not self.uses_toy() and self.rm_labels == "sampled":
-            raise ConfigError("rm_labels='sampled' needs a labeller; only the toy world has one. "
-                              "Use rm_labels=file with data.rankings")
+        if self.gold and self.gold not in GOLD_JUDGES:
+            raise ConfigError(f"gold must be one of {list(GOLD_JUDGES)} (or '' for the data's own), "
+                              f"got {self.gold!r}")
+        if self.rm_labels == "sampled" and self.gold_judge() == "none":
+            raise ConfigError("rm_labels='sampled' needs a gold judge to rank the samples: --gold NAME "
+                              f"({', '.join(GOLD_JUDGES)}), or a --data DIR whose task.json names one; "
+                              "or use rm_labels=file with data.rankings")
 
     def uses_toy(self) -> bool:
         return not self.model_path
+
+    def gold_judge(self) -> str:
+        """The judge that labels and evaluates: `gold`, else the toy world's, else the one named in data.dir's
+        task.json, else eval.gold ("none" when there is none)."""
+        if self.gold:
+            return self.gold
+        if self.uses_toy():
+            return "toy"
+        manifest = Path(self.data.dir) / TASK_MANIFEST if self.data.dir else None
+        if manifest is not None and manifest.is_file():
+            return json.loads(manifest.read_text(encoding="utf-8")).get("gold", "none")
+        return self.eval.gold

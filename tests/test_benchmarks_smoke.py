@@ -48,6 +48,33 @@ def test_ppo_step_smoke(tmp_path):
     assert {"rollout_s", "score_s", "update_s", "peak_rss_mib"} <= set(ours)
 
 
+def test_ppo_step_on_a_local_model_with_real_prompts(tmp_path):
+    """--model DIR: the model's own tokenizer and chat template over the instruction task's prompts, rows of
+    exactly --prompt-len ids that end where a prompt ends; NF4 and unquantized."""
+    from conftest import build_byte_level_model
+
+    model_dir = build_byte_level_model(tmp_path / "model", chat_template=True)
+    for quantization in ("none", "nf4"):
+        out = tmp_path / f"ppo_step-{quantization}.json"
+        stdout = run_script("ppo_step", "--model", str(model_dir), "--quantization", quantization, "--batch", "2",
+                            "--answer-len", "4", "--prompt-len", "24", "--ppo-epochs", "1", "--iterations", "1",
+                            "--warmup", "1", "--ptx-batch", "2", "--ptx-len", "16", "--out", str(out))
+        record = check_record(out)
+        assert record["model"]["model_type"] == "llama" and "shape" not in record
+        assert record["settings"]["chat_template"] and record["settings"]["mean_prompt_tokens"] > 24
+        assert "instruction task" in stdout or "rlhf.tasks.instructions" in stdout
+        ours = record["results"]["ours"]
+        assert ours["answer_tokens_per_iteration"] == 2 * 4 and ours["total_s"]["median"] > 0
+        assert {"rollout_s", "score_s", "update_s", "peak_rss_mib"} <= set(ours)
+
+
+def test_fixed_length_rows_end_where_prompts_end():
+    from benchmarks.real_prompts import fixed_length_rows
+
+    # prompt ids [1 2 3], [4 5], [6 7 8 9]; rows of 4 ids: the first prompt alone is too short to end a row
+    assert fixed_length_rows([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4, 3) == [[2, 3, 4, 5], [6, 7, 8, 9], [9, 1, 2, 3]]
+
+
 @pytest.mark.skipif(not TRL_PYTHON.exists(), reason="TRL peer venv missing (bash benchmarks/setup_trl_venv.sh)")
 def test_ppo_step_smoke_trl_peer(tmp_path):
     out = tmp_path / "ppo_step_trl.json"

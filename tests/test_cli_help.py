@@ -116,7 +116,7 @@ def test_a_default_the_stage_changes_points_at_the_reason(capsys):
 
 
 @pytest.mark.parametrize("command, field, choices", [
-    ("sft", "model.quantization", "{nf4,none}"), ("eval", "gold", "{toy,none}"),
+    ("sft", "model.quantization", "{nf4,none}"), ("eval", "gold", "{toy,instructions,none}"),
     ("ppo", "kl.estimator", "{k1,k2,k3}"), ("rm", "precision", "{auto,bf16,fp16,fp32}"),
     ("pipeline", "rm_labels", "{sampled,file}"), ("pipeline", "ppo_variants", "list[{ppo,ppo_ptx}]"),
     ("ppo", "rollout.no_eos_score", "float|null"),

@@ -126,7 +126,7 @@ def test_seed_is_the_same_name_here():
     (["sft", "--optim.lr", "fast"], "optim.lr: expected a number, got 'fast'"),
     (["ppo", "--auto_halve_micro_batch", "maybe"], "auto_halve_micro_batch: expected true or false, got 'maybe'"),
     (["sft", "--model.quantization", "int8"], "model.quantization: must be one of 'nf4', 'none'; got 'int8'"),
-    (["eval", "--gold", "gpt4"], "gold: must be one of 'toy', 'none'; got 'gpt4'"),
+    (["eval", "--gold", "gpt4"], "gold: must be one of 'toy', 'instructions', 'none'; got 'gpt4'"),
     (["sft", "--precision", "bf8"], "precision: must be one of 'auto', 'bf16', 'fp16', 'fp32'; got 'bf8'"),
     (["ppo", "--kl.estimator", "k4"], "kl.estimator: must be one of 'k1', 'k2', 'k3'; got 'k4'"),
     (["pipeline", "--rm_labels", "human"], "rm_labels: must be one of 'sampled', 'file'; got 'human'"),

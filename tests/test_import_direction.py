@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("rlhf.sft", "rlhf.reward", "rlhf.ppo", "rlhf.eval", "rlhf.pipeline", "rlhf.labelling")
-LOWER_LAYERS = ("rlhf.models", "rlhf.data", "rlhf.toy")
+LOWER_LAYERS = ("rlhf.models", "rlhf.data", "rlhf.toy", "rlhf.tasks")
 
 
 def imported_modules(path: Path) -> set[str]:
