@@ -24,7 +24,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import rlhf.ppo.update
-from rlhf.data import load_records, pad_right, tokenize_sft
+from rlhf.data import SPLIT_FILE, UserSplit, load_records, pad_right, tokenize_sft
 from rlhf.eval import EvalConfig, evaluate
 from rlhf.labelling import sample_rankings
 from rlhf.models import ModelConfig, RoleModel
@@ -62,6 +62,8 @@ def data_dir(tmp_path_factory) -> Path:
     write_jsonl(root / "rankings.jsonl", [{"prompt": q, "responses": r} for q, r in RANKINGS])
     write_jsonl(root / "prompts.jsonl", [{"prompt": q} for q, _ in QA])
     write_jsonl(root / "pretrain.jsonl", [{"text": t} for t in PRETRAIN])
+    # a split with no tune or test part: these few records all train (eval reads the train part)
+    UserSplit(seed=0, tune_fraction=0.0, test_fraction=0.0).write(root / SPLIT_FILE)
     return root
 
 
@@ -79,11 +81,11 @@ def runs(request, smollm2_dir, data_dir, tmp_path_factory):
     sft_dir = train_sft(SFTConfig(
         model=ModelConfig(**model, lora_dropout=0.2), out_dir=str(out / "sft"), epochs=1, batch_size=2,
         micro_batch_size=2, device="cpu",
-        data=SFTConfig().data.__class__(path=str(data_dir / "sft.jsonl"), val_fraction=0.0, max_length=MAX_LENGTH)))
+        data=SFTConfig().data.__class__(path=str(data_dir / "sft.jsonl"), max_length=MAX_LENGTH)))
     rm_dir = train_rm(RMConfig(
         model=ModelConfig(**model), out_dir=str(out / "rm"), sft_dir=str(sft_dir), batch_size=1,
         micro_batch_size=1, device="cpu",
-        data=RMConfig().data.__class__(path=str(data_dir / "rankings.jsonl"), val_fraction=0.0,
+        data=RMConfig().data.__class__(path=str(data_dir / "rankings.jsonl"),
                                        demonstrations=str(data_dir / "sft.jsonl"), max_length=MAX_LENGTH)))
 
     first_update_logprob_gap = []
@@ -103,7 +105,7 @@ def runs(request, smollm2_dir, data_dir, tmp_path_factory):
             model=ModelConfig(**model), out_dir=str(out / "ppo_ptx"), sft_dir=str(sft_dir), rm_dir=str(rm_dir),
             iterations=1, ppo_epochs=1, mini_batch_size=2, micro_batch_size=2, ptx_coef=1.0, ptx_batch_size=2,
             device="cpu",
-            data=PPOConfig().data.__class__(path=str(data_dir / "prompts.jsonl"), val_fraction=0.0,
+            data=PPOConfig().data.__class__(path=str(data_dir / "prompts.jsonl"),
                                             pretrain=str(data_dir / "pretrain.jsonl"), max_prompt_length=MAX_LENGTH,
                                             max_pretrain_length=32),
             rollout=PPOConfig().rollout.__class__(batch_size=2, max_new_tokens=MAX_NEW_TOKENS)))
@@ -151,9 +153,9 @@ def test_labelling_and_evaluation_run_on_the_saved_roles(runs, smollm2_dir, data
     if runs["quantization"] != "none":
         pytest.skip("labelling and evaluation run once, on the unquantized runs, to keep CI short")
     model = ModelConfig(path=str(smollm2_dir), quantization="none")
-    by_length = lambda prompt, answers: sorted(range(len(answers)), key=lambda i: len(answers[i]))  # noqa: E731
-    counts = sample_rankings(model, runs["sft"], data_dir / "prompts.jsonl", tmp_path / "rankings.jsonl", by_length,
-                             k=2, max_new_tokens=MAX_NEW_TOKENS, max_prompt_length=MAX_LENGTH, device="cpu")
+    shorter_is_better = lambda prompt, answer: -len(answer)  # noqa: E731  (a gold score: higher is better)
+    counts = sample_rankings(model, runs["sft"], data_dir / "prompts.jsonl", tmp_path / "rankings.jsonl",
+                             shorter_is_better, k=2, max_new_tokens=MAX_NEW_TOKENS, max_prompt_length=MAX_LENGTH, device="cpu")
     rankings = load_records(tmp_path / "rankings.jsonl", "rankings")
     assert counts["rankings"] == len(rankings) and counts["rankings"] + counts["skipped_fewer_than_2_distinct"] == 4
     for ranking in rankings:  # decoded answers: no template tokens leak into the labeller's text
@@ -161,12 +163,16 @@ def test_labelling_and_evaluation_run_on_the_saved_roles(runs, smollm2_dir, data
     result = evaluate(EvalConfig(
         model=model, sft_dir=str(runs["sft"]), rm_dir=str(runs["rm"]), policy_dir=str(runs["ppo"]),
         out_dir=str(tmp_path / "eval"), max_new_tokens=MAX_NEW_TOKENS, answers_per_prompt=1, device="cpu",
-        data=EvalConfig().data.__class__(path=str(data_dir / "prompts.jsonl"), val_fraction=0.5,
+        best_of_n=[1, 2], temperatures=[0.5],  # the baselines too, at their smallest
+        data=EvalConfig().data.__class__(path=str(data_dir / "prompts.jsonl"), part="train", max_prompts=2,
                                          pretrain=str(data_dir / "pretrain.jsonl"), max_prompt_length=MAX_LENGTH,
                                          max_pretrain_length=32)))
-    assert list(result["policies"]) == ["sft", "policy"] and result["n_prompts"] == 2
+    assert list(result["policies"]) == ["sft", "best_of_1", "best_of_2", "sft_t0.5", "policy"]
+    assert result["n_prompts"] == 2
     for row in result["policies"].values():
-        for key in ("rm_score", "kl_to_sft", "answer_length", "pretrain_loss"):
+        measured = ("rm_score", "kl_to_sft", "answer_length") + (("pretrain_loss",) if row["kind"] in ("sft", "policy")
+                                                                 else ())
+        for key in measured:
             assert math.isfinite(row[key]), (key, row)
     assert result["policies"]["sft"]["kl_to_sft"] == 0.0
 
