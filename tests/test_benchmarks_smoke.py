@@ -51,7 +51,7 @@ def test_ppo_step_smoke(tmp_path):
 def test_ppo_step_on_a_local_model_with_real_prompts(tmp_path):
     """--model DIR: the model's own tokenizer and chat template over the instruction task's prompts, rows of
     exactly --prompt-len ids that end where a prompt ends; NF4 and unquantized."""
-    from conftest import build_byte_level_model
+    from byte_level_model import build_byte_level_model
 
     model_dir = build_byte_level_model(tmp_path / "model", chat_template=True)
     for quantization in ("none", "nf4"):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import build_byte_level_model
+from byte_level_model import build_byte_level_model
 from rlhf.config import load_config
 from rlhf.data import UserSplit, load_records
 from rlhf.errors import ConfigError, DataError

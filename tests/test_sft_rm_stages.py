@@ -271,7 +271,7 @@ SHORTCUTS = {
            "demos": "data.demonstrations"},
     "ppo": {"model": "model.path", "data": "data.path", "out": "out_dir", "sft": "sft_dir", "rm": "rm_dir",
             "pretrain": "data.pretrain", "ptx_coef": "ptx_coef"},
-    "pipeline": {"model": "model_path", "out": "out_dir", "data": "data.dir"},
+    "pipeline": {"model": "model_path", "out": "out_dir", "data": "data.dir", "gold": "gold"},
     "eval": {"model": "model.path", "data": "data.path", "out": "out_dir", "sft": "sft_dir", "rm": "rm_dir",
              "policy": "policy_dir", "pretrain": "data.pretrain"},
     "toy": {"out": "out_dir"},
