@@ -248,15 +248,14 @@ class StageRun:
                                                     config=self.cfg), f"checkpoint {step}")
         self.checkpoint_step = step
 
-    def optimizer_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor, step: int, batch_id: str,
-                       schedule: bool = True) -> torch.Tensor:
+    def optimizer_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor, step: int,
+                       batch_id: str) -> torch.Tensor:
         """Clip the gradient, step the optimiser through the guard (skipped or undone when non-finite), then
-        advance the schedule (`schedule=False`: the stage advances it itself, as PPO does once per
-        iteration). -> the gradient norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-        self.guard.step(self.optimizer, loss, grad_norm, step, batch_id)
-        if schedule:
-            self.scheduler.step()
+        advance the schedule (PPO, which steps once per mini-batch and schedules once per iteration, calls
+        the guard's `clip_and_step` itself). -> the gradient norm before clipping."""
+        grad_norm = self.guard.clip_and_step(self.optimizer, params, self.cfg.optim.max_grad_norm, loss, step,
+                                             batch_id)
+        self.scheduler.step()
         return grad_norm
 
     def step_done(self, done: int, total: int) -> None:

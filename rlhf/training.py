@@ -156,6 +156,14 @@ class NonFiniteGuard:
         self.in_a_row = 0
         return True
 
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
+                      loss: torch.Tensor, step: int, batch_id: str) -> torch.Tensor:
+        """Clip the gradient of `params` to `max_grad_norm`, then `step` through the guard. -> the norm
+        before clipping (the one every stage logs)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        self.step(optimizer, loss, grad_norm, step, batch_id)
+        return grad_norm
+
     def _bad(self, step: int, batch_id: str, what: str, action: str) -> None:
         self.in_a_row += 1
         self.skipped_total += 1

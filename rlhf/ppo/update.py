@@ -159,9 +159,9 @@ def ppo_epochs(cfg: PPOConfig, model, rollout: Rollout, trainer: Trainer, iterat
                                                                ptx)
             loss_sum, step_stats = _summed_over_processes(loss_sum, step_stats, ptx is not None)
             distributed.all_reduce_grads(trainer.params)  # several processes: the mini-batch's gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, cfg.optim.max_grad_norm)
-            trainer.guard.step(trainer.optimizer, loss_sum, grad_norm, iteration,
-                               f"iteration {iteration} epoch {epoch} rows {mini.tolist()}")
+            grad_norm = trainer.guard.clip_and_step(trainer.optimizer, trainer.params, cfg.optim.max_grad_norm,
+                                                    loss_sum, iteration,
+                                                    f"iteration {iteration} epoch {epoch} rows {mini.tolist()}")
             trainer.optimizer.zero_grad(set_to_none=True)
             step_stats["grad_norm"] = grad_norm.detach().float()
             for key, value in step_stats.items():
