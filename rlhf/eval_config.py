@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import ChatTemplateSetting, require_model_source, require_path
+from rlhf.config import ChatTemplateSetting
 from rlhf.errors import ConfigError
 from rlhf.judges import GOLD_JUDGES
 from rlhf.models.config import ModelConfig
+from rlhf.ppo.config import check_prompt_run_inputs
 from rlhf.stage_dirs import adapter_dir
 
 
@@ -68,12 +69,7 @@ class EvalConfig:
         """The runs and files evaluation reads exist (before any model loads)."""
         if not self.sft_dir or not self.rm_dir:
             raise ConfigError("eval needs --sft RUN_DIR (baseline and KL reference) and --rm RUN_DIR (scores)")
-        require_model_source(self.model.path, "model.path")
-        require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
-        if self.data.pretrain:
-            require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
-        adapter_dir(self.sft_dir, "policy")
-        adapter_dir(self.rm_dir, "reward")
+        check_prompt_run_inputs(self.model.path, self.data.path, self.data.pretrain, self.sft_dir, self.rm_dir)
         for name, run in self.all_policies().items():
             if name != "sft":
                 adapter_dir(run, "policy")

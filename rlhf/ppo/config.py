@@ -135,9 +135,15 @@ class PPOConfig:
             raise ConfigError("rm_dir: PPO needs a reward model (--rm RUN_DIR)")
         if self.ptx_coef > 0 and not self.data.pretrain:
             raise ConfigError(f"ptx_coef={self.ptx_coef} needs data.pretrain (--pretrain pretrain.jsonl)")
-        require_model_source(self.model.path, "model.path")
-        require_path(self.data.path, "data.path", "prompts file", "--data prompts.jsonl")
-        if self.data.pretrain:
-            require_path(self.data.pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
-        adapter_dir(self.sft_dir, "policy")
-        adapter_dir(self.rm_dir, "reward")
+        check_prompt_run_inputs(self.model.path, self.data.path, self.data.pretrain, self.sft_dir, self.rm_dir)
+
+
+def check_prompt_run_inputs(model_path: str, prompts: str, pretrain: str, sft_dir: str, rm_dir: str) -> None:
+    """What a run that samples prompts with the SFT policy and scores them with the RM reads (PPO and
+    eval): the model, the prompts file, the pretraining file when given, and the two runs' adapters."""
+    require_model_source(model_path, "model.path")
+    require_path(prompts, "data.path", "prompts file", "--data prompts.jsonl")
+    if pretrain:
+        require_path(pretrain, "data.pretrain", "pretraining file", "--pretrain pretrain.jsonl")
+    adapter_dir(sft_dir, "policy")
+    adapter_dir(rm_dir, "reward")
