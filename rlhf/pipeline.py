@@ -41,11 +41,15 @@ def _model(cfg: PipelineConfig, stage_model: ModelConfig, path: Path) -> ModelCo
 
 
 def _split_file(cfg: PipelineConfig, out: Path, toy_split: Path | None, data_files: dict[str, Path]) -> Path:
-    """The one split.json every stage reads: given, the toy world's, or written once for your data."""
+    """The one split.json every stage reads: given, the toy world's, the data directory's own (a task
+    such as `rlhf instructions` writes one), or written once for your data."""
     if cfg.split:
         return require_path(cfg.split, "split", "split file (split.json)")
     if toy_split is not None:
         return toy_split
+    if cfg.data.dir and (Path(cfg.data.dir) / SPLIT_FILE).is_file():
+        log.info("using the data directory's user split %s", Path(cfg.data.dir) / SPLIT_FILE)
+        return Path(cfg.data.dir) / SPLIT_FILE
     path = out / SPLIT_FILE
     if not path.is_file():  # written once: a rerun must not move users between parts
         users = {r.get("user_id") for kind, f in data_files.items() if f.is_file()

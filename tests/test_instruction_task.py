@@ -207,6 +207,10 @@ def test_pipeline_runs_the_task_end_to_end(task_dir, tmp_path):
         assert loss is None or math.isfinite(loss)
     assert 0.0 <= result["policies"]["ppo"]["win_rate_vs_sft"] <= 1.0
     assert (out / "eval_config.yaml").read_text().count("gold: instructions") == 1
+    # every stage reads the task's own split (its fractions), not one the pipeline would draw again
+    assert not (out / "split.json").exists()
+    for stage_config in (out / "sft" / "config.yaml", out / "eval_config.yaml"):
+        assert f"split: {task_dir / 'split.json'}" in stage_config.read_text(), stage_config
 
 
 def test_example_config_runs_the_task_with_its_judge(task_dir, tmp_path):
