@@ -213,17 +213,15 @@ def test_moe_experts_adapted_only_when_named(family_dir, tmp_path):
         assert torch.equal(reloaded.hidden_states("policy", input_ids, attention_mask), separate[0])
 
 
-# ---- the stages end to end, for a few families ---------------------------------------------------------
-
-STAGE_CASES = [("opt", "none"), ("qwen3_moe", "none"), ("gpt2", "nf4"), ("gemma2", "none")]
+# ---- the stages end to end, for every family, NF4 and unquantized ---------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, quantization", STAGE_CASES, ids=[f"{f}-{q}" for f, q in STAGE_CASES])
+@pytest.mark.parametrize("family, quantization", CASES, ids=[f"{f}-{q}" for f, q in CASES])
 def test_sft_rm_ppo_ptx_eval_run_on_the_family(family, quantization, family_dir, quick_toy_world, tmp_path):
     # a step or two of every stage on the family's tiny model and the toy world's data (words the tiny
-    # vocabulary lacks become <unk>): OPT and Qwen3-MoE exercise the row-mixed PPO update, GPT-2 over
-    # NF4 the Conv1D save, Gemma 2 the logit softcap in rollout, update and eval
+    # vocabulary lacks become <unk>): OPT and Qwen3-MoE exercise the row-mixed PPO update, GPT-2 the
+    # Conv1D save, Gemma 2/3, Cohere and Granite their logit transform in rollout, update and eval
     import math
 
     from rlhf.config import load_config
