@@ -47,10 +47,12 @@ def _split_file(cfg: PipelineConfig, out: Path, toy_split: Path | None, data_fil
         return require_path(cfg.split, "split", "split file (split.json)")
     if toy_split is not None:
         return toy_split
-    if cfg.data.dir and (Path(cfg.data.dir) / SPLIT_FILE).is_file():
-        log.info("using the data directory's user split %s", Path(cfg.data.dir) / SPLIT_FILE)
-        return Path(cfg.data.dir) / SPLIT_FILE
     path = out / SPLIT_FILE
+    task_split = Path(cfg.data.dir) / SPLIT_FILE if cfg.data.dir else None
+    # a run that already wrote its own split keeps it, even if the data directory gains one later
+    if not path.is_file() and task_split is not None and task_split.is_file():
+        log.info("using the data directory's user split %s", task_split)
+        return task_split
     if not path.is_file():  # written once: a rerun must not move users between parts
         users = {r.get("user_id") for kind, f in data_files.items() if f.is_file()
                  for r in load_records(f, kind, skip_invalid=True)}

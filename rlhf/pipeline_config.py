@@ -53,8 +53,8 @@ class PipelineConfig:
     toy: ToyConfig = field(default_factory=ToyConfig)
     rm_labels: Literal["sampled", "file"] = "sampled"  # InstructGPT: RM data are K SFT samples ranked by labellers ("file": data.rankings)
     rm_k: int = 6  # InstructGPT: K = 4..9 answers ranked per prompt; ours: 6, as tied answers are dropped
-    split: str = ""  # a split.json of train / tune / test users; "" = the toy world's, else data.dir's
-    # split.json, else `<out>/split.json` written once from the users of data.sft, data.rankings, data.prompts
+    split: str = ""  # a split.json of train / tune / test users; "" = the toy world's, else the run's own
+    # `<out>/split.json`, else data.dir's split.json, else one written once to `<out>/split.json` from your data
     split_seed: int = 0  # ours: the seed of a split written for your data
     tune_fraction: float = 0.1  # ours: users for choices (learning rate, ptx_coef)
     test_fraction: float = 0.1  # ours: users for the reported evaluation only

@@ -213,6 +213,21 @@ def test_pipeline_runs_the_task_end_to_end(task_dir, tmp_path):
         assert f"split: {task_dir / 'split.json'}" in stage_config.read_text(), stage_config
 
 
+def test_pipeline_split_precedence_task_dir_then_a_run_s_own(task_dir, tmp_path):
+    from rlhf.pipeline import _split_file
+
+    cfg = load_config(PipelineConfig, overrides={"model_path": str(tmp_path), "data.dir": str(task_dir)})
+    files = {"prompts": task_dir / "prompts.jsonl"}
+    assert _split_file(cfg, tmp_path / "fresh", None, files) == task_dir / "split.json"
+    began = tmp_path / "began"  # a run that wrote its own split before: reruns keep it
+    began.mkdir()
+    (began / "split.json").write_text((task_dir / "split.json").read_text())
+    assert _split_file(cfg, began, None, files) == began / "split.json"
+    given = load_config(PipelineConfig, overrides={"model_path": str(tmp_path), "data.dir": str(task_dir),
+                                                   "split": str(began / "split.json")})
+    assert _split_file(given, tmp_path / "fresh", None, files) == began / "split.json"
+
+
 def test_example_config_runs_the_task_with_its_judge(task_dir, tmp_path):
     """examples/instructions.yaml (the README's command) loads over a task dir and labels with its judge."""
     from pathlib import Path
